@@ -1,0 +1,170 @@
+"""An experiment: a validated RunConfig in, a run folder and StrategyResults out."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coevo.config import ConfigError, RunConfig, parse
+from coevo.report import Callback, RunInfo, StrategyResult, to_plain
+from coevo.sim.simulator import SimulationResult, simulate, wire_bytes
+from coevo.strategies import STRATEGIES, Strategy
+from coevo.tasks.log import InteractionLog, describe
+from coevo.tasks.movielens import load_movielens_100k
+from coevo.tasks.protocol import split_p1
+from coevo.tasks.recommendation import ModelShapes, RecommendationTask
+from coevo.tasks.synthetic import make_world
+
+
+def load_log(config: RunConfig, seed: int) -> InteractionLog:
+    """The dataset a run names (the synthetic world is drawn from the run's first seed)."""
+    if config.data.name == "movielens-100k":
+        return load_movielens_100k(config.data.data_dir)
+    return make_world(config.data.synthetic, seed)
+
+
+def model_shapes(config: RunConfig) -> ModelShapes:
+    device, cloud = config.models.device, config.models.cloud
+    if cloud.dim % cloud.heads:
+        raise ConfigError(
+            [f"models.cloud.heads: {cloud.heads} does not divide models.cloud.dim={cloud.dim}"]
+        )
+    return ModelShapes(
+        device_dim=device.dim,
+        device_history=device.history_len,
+        cloud_dim=cloud.dim,
+        cloud_history=cloud.history_len,
+        cloud_layers=cloud.layers,
+        cloud_heads=cloud.heads,
+        cloud_dropout=cloud.dropout,
+    )
+
+
+def strategy_configs(
+    config: RunConfig, source: str = "config"
+) -> list[tuple[type[Strategy], object]]:
+    """Each listed strategy's class and validated settings; every problem reported at once."""
+    built, problems = [], []
+    for index, spec in enumerate(config.strategies):
+        try:
+            cls = STRATEGIES.get(spec["name"])
+        except LookupError as error:
+            problems.append(f"{source}: strategies.{index}.name: {error}")
+            continue
+        try:
+            built.append((cls, parse(cls.Config, spec, source=source, prefix=f"strategies.{index}.")))
+        except ConfigError as error:
+            problems.extend(str(error).splitlines())
+    if problems:
+        raise ConfigError(problems)
+    return built
+
+
+def build_task(log: InteractionLog, config: RunConfig, seed: int) -> RecommendationTask:
+    split = split_p1(
+        log, seed, variant=config.protocol.variant, num_negatives=config.protocol.num_negatives
+    )
+    return RecommendationTask(log, split, model_shapes(config))
+
+
+def run_dir_for(config: RunConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name).strip("-") or "run"
+    return Path(config.output_dir) / f"{slug}-{stamp}"
+
+
+def _cost(strategy: Strategy, sim: SimulationResult, facts: dict) -> dict[str, float]:
+    """Mean bytes per device for training plus serving one request, and on-device size."""
+    task = strategy.task
+    bytes_up = sim.bytes_up.double().mean().item()
+    bytes_down = sim.bytes_down.double().mean().item()
+    if strategy.serving == "cloud":
+        split = task.split
+        history = split.history(split.target_rows("test"), task.shapes.cloud_history)
+        candidates = split.candidates("test")
+        lengths = (history != split.num_items).sum(1)
+        sizes = {
+            int(n): wire_bytes(strategy.request(history[i, history.shape[1] - int(n) :], candidates[i]))
+            for n, i in zip(*np.unique(lengths.numpy(), return_index=True))
+        }
+        bytes_up += float(np.mean([sizes[int(n)] for n in lengths]))
+        bytes_down += wire_bytes(strategy.response(candidates[0]))
+        device = {"device_params": 0.0, "device_flops_per_prediction": 0.0}
+    else:
+        device = {
+            "device_params": facts["device"]["params"],
+            "device_flops_per_prediction": facts["device"]["flops_per_prediction"],
+        }
+    return {
+        "bytes_up_per_device": bytes_up,
+        "bytes_down_per_device": bytes_down,
+        **device,
+        "train_seconds": sim.train_seconds,
+    }
+
+
+def run(
+    config: RunConfig,
+    run_dir: Path,
+    callbacks: Callback,
+    *,
+    log: InteractionLog | None = None,
+) -> list[StrategyResult]:
+    """Run every strategy of ``config`` for every seed; report through ``callbacks``."""
+    torch.set_num_threads(config.threads)
+    strategies = strategy_configs(config)
+    log = log if log is not None else load_log(config, config.seeds[0])
+    facts = {**describe(log), "protocol": config.protocol.variant, "seeds": list(config.seeds)}
+    first_task = build_task(log, config, config.seeds[0])
+    model_facts = first_task.model_facts()
+    callbacks.on_run_start(
+        RunInfo(run_dir=run_dir, config=to_plain(config.model_dump(mode="json")), dataset=facts, models=model_facts)
+    )
+    results: list[StrategyResult] = []
+    total = len(config.seeds) * len(strategies)
+    for seed_index, seed in enumerate(config.seeds):
+        task = first_task if seed_index == 0 else build_task(log, config, seed)
+        for strategy_index, (cls, settings) in enumerate(strategies):
+            strategy = cls(task, settings)
+            rng = torch.Generator().manual_seed(seed)
+            label = f"{strategy.name} (seed {seed})"
+
+            def record(values: dict[str, float], name: str = strategy.name, s: int = seed) -> None:
+                callbacks.on_round_end({"strategy": name, "seed": s, **values})
+
+            def progress(done: int, of: int, label: str = label) -> None:
+                callbacks.on_progress(label, done, of)
+
+            started = time.perf_counter()
+            sim = simulate(strategy, rng, on_round=record, on_progress=progress)
+
+            def scorer(devices, history, candidates, sim=sim, strategy=strategy):
+                block = {k: v[devices] for k, v in sim.devices.tensors.items()}
+                return strategy.score(sim.cloud, type(sim.devices)(block), history, candidates)
+
+            per_device, summary = task.evaluate(
+                scorer, "test", full_ranking=config.protocol.full_ranking, seed=seed
+            )
+            _, val = task.evaluate(scorer, "val", full_ranking=False, seed=seed)
+            summary["val_hr@10"] = val["hr@10"]
+            record({"round": strategy.rounds, "phase": "evaluate", **summary})
+            result = StrategyResult(
+                strategy=strategy.name,
+                seed=seed,
+                metrics=summary,
+                per_device={k: v.numpy() for k, v in per_device.items()},
+                group=task.split.group.numpy(),
+                cost=_cost(strategy, sim, model_facts) | {"seconds": time.perf_counter() - started},
+                note=strategy.note,
+            )
+            results.append(result)
+            callbacks.on_strategy_end(result)
+            callbacks.on_progress("run", seed_index * len(strategies) + strategy_index + 1, total)
+    callbacks.on_run_end(results)
+    return results
