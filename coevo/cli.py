@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,7 +40,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(path: Path | None, overrides: list[str] | None, base: dict[str, Any] | None = None) -> RunConfig:
+def _load(
+    path: Path | None, overrides: list[str] | None, base: dict[str, Any] | None = None
+) -> RunConfig:
     try:
         data = load_yaml(path) if path is not None else dict(base or {})
         data = apply_overrides(data, overrides or [])
@@ -98,7 +99,13 @@ DEMO: dict[str, Any] = {
     "name": "demo",
     "data": {
         "name": "synthetic",
-        "synthetic": {"num_devices": 600, "num_items": 400, "mean_interactions": 45, "max_interactions": 250},
+        "synthetic": {
+            "num_devices": 600,
+            "num_items": 400,
+            "mean_interactions": 45,
+            "max_interactions": 250,
+            "popularity_weight": 0.5,
+        },
     },
     "models": {"cloud": {"dim": 48}},
     "strategies": [
@@ -139,7 +146,11 @@ def data_info(
     if dataset not in DATASETS:
         _fail(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     try:
-        log = load_movielens_100k(data_dir) if dataset == "movielens-100k" else make_world(SyntheticConfig(), 0)
+        log = (
+            load_movielens_100k(data_dir)
+            if dataset == "movielens-100k"
+            else make_world(SyntheticConfig(), 0)
+        )
     except DatasetError as error:
         _fail(str(error))
     from rich.table import Table
@@ -148,7 +159,14 @@ def data_info(
     table.add_column("fact")
     table.add_column("value", justify="right")
     for key, value in describe(log).items():
-        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(
+            key,
+            f"{value:,.1f}"
+            if isinstance(value, float)
+            else f"{value:,}"
+            if isinstance(value, int)
+            else str(value),
+        )
     console.print(table)
 
 
@@ -168,5 +186,6 @@ def data_download(
         folder = download_movielens_100k(target, url=url or GROUPLENS_URL)
     except DatasetError as error:
         _fail(str(error))
-    console.print(f"MovieLens-100K verified in {folder}; use --data-dir {folder} or COEVO_DATA={folder}")
-
+    console.print(
+        f"MovieLens-100K verified in {folder}; use --data-dir {folder} or COEVO_DATA={folder}"
+    )

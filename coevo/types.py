@@ -32,7 +32,10 @@ class Payload:
     config: Mapping[str, Scalar] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        metadata = {"metrics": json.dumps(dict(self.metrics)), "config": json.dumps(dict(self.config))}
+        metadata = {
+            "metrics": json.dumps(dict(self.metrics)),
+            "config": json.dumps(dict(self.config)),
+        }
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
         return save_safetensors(tensors, metadata=metadata)
 

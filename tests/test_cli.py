@@ -63,7 +63,9 @@ def test_overrides_apply_and_bad_values_name_the_field(config_file):
     bad = runner.invoke(app, ["validate", str(config_file), "--set", "strategies.1.mode=all"])
     assert bad.exit_code == 2
     assert "strategies.1.mode" in bad.output and "'full' or 'head'" in bad.output
-    unknown = runner.invoke(app, ["validate", str(config_file), "--set", "strategies.0.name=fedavgg"])
+    unknown = runner.invoke(
+        app, ["validate", str(config_file), "--set", "strategies.0.name=fedavgg"]
+    )
     assert unknown.exit_code == 2 and "strategies.0.name" in unknown.output
     extra = runner.invoke(app, ["validate", str(config_file), "--set", "protocol.varaint=P1"])
     assert extra.exit_code == 2 and "unknown field" in extra.output and "variant" in extra.output

@@ -85,6 +85,10 @@ class RunConfig(BaseModel):
         ],
         min_length=1,
     )
+    # vectorized: one vmapped call per block of devices; loop: one device at a time (reference).
+    backend: Literal["vectorized", "loop"] = "vectorized"
+    # Devices per vectorised block: larger is faster until memory runs short.
+    block_size: int = Field(128, ge=1, le=1_000_000)
     # Where run folders are created.
     output_dir: str = "runs"
     # Torch threads; 1 avoids oversubscription on small machines.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from coevo.config import ConfigError, RunConfig, parse
 from coevo.report import Callback, RunInfo, StrategyResult, to_plain
@@ -48,9 +48,10 @@ def model_shapes(config: RunConfig) -> ModelShapes:
 
 def strategy_configs(
     config: RunConfig, source: str = "config"
-) -> list[tuple[type[Strategy], object]]:
+) -> list[tuple[type[Strategy], BaseModel]]:
     """Each listed strategy's class and validated settings; every problem reported at once."""
-    built, problems = [], []
+    built: list[tuple[type[Strategy], BaseModel]] = []
+    problems: list[str] = []
     for index, spec in enumerate(config.strategies):
         try:
             cls = STRATEGIES.get(spec["name"])
@@ -58,7 +59,9 @@ def strategy_configs(
             problems.append(f"{source}: strategies.{index}.name: {error}")
             continue
         try:
-            built.append((cls, parse(cls.Config, spec, source=source, prefix=f"strategies.{index}.")))
+            built.append(
+                (cls, parse(cls.Config, spec, source=source, prefix=f"strategies.{index}."))
+            )
         except ConfigError as error:
             problems.extend(str(error).splitlines())
     if problems:
@@ -74,7 +77,7 @@ def build_task(log: InteractionLog, config: RunConfig, seed: int) -> Recommendat
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name).strip("-") or "run"
     return Path(config.output_dir) / f"{slug}-{stamp}"
 
@@ -90,8 +93,10 @@ def _cost(strategy: Strategy, sim: SimulationResult, facts: dict) -> dict[str, f
         candidates = split.candidates("test")
         lengths = (history != split.num_items).sum(1)
         sizes = {
-            int(n): wire_bytes(strategy.request(history[i, history.shape[1] - int(n) :], candidates[i]))
-            for n, i in zip(*np.unique(lengths.numpy(), return_index=True))
+            int(n): wire_bytes(
+                strategy.request(history[i, history.shape[1] - int(n) :], candidates[i])
+            )
+            for n, i in zip(*np.unique(lengths.numpy(), return_index=True), strict=False)
         }
         bytes_up += float(np.mean([sizes[int(n)] for n in lengths]))
         bytes_down += wire_bytes(strategy.response(candidates[0]))
@@ -124,7 +129,12 @@ def run(
     first_task = build_task(log, config, config.seeds[0])
     model_facts = first_task.model_facts()
     callbacks.on_run_start(
-        RunInfo(run_dir=run_dir, config=to_plain(config.model_dump(mode="json")), dataset=facts, models=model_facts)
+        RunInfo(
+            run_dir=run_dir,
+            config=to_plain(config.model_dump(mode="json")),
+            dataset=facts,
+            models=model_facts,
+        )
     )
     results: list[StrategyResult] = []
     total = len(config.seeds) * len(strategies)
@@ -142,7 +152,14 @@ def run(
                 callbacks.on_progress(label, done, of)
 
             started = time.perf_counter()
-            sim = simulate(strategy, rng, on_round=record, on_progress=progress)
+            sim = simulate(
+                strategy,
+                rng,
+                backend=config.backend,
+                block_size=config.block_size,
+                on_round=record,
+                on_progress=progress,
+            )
 
             def scorer(devices, history, candidates, sim=sim, strategy=strategy):
                 block = {k: v[devices] for k, v in sim.devices.tensors.items()}
@@ -153,7 +170,9 @@ def run(
             )
             _, val = task.evaluate(scorer, "val", full_ranking=False, seed=seed)
             summary["val_hr@10"] = val["hr@10"]
-            record({"round": strategy.rounds, "phase": "evaluate", **summary})
+            callbacks.on_round_end(
+                {"strategy": strategy.name, "seed": seed, "phase": "evaluate", **summary}
+            )
             result = StrategyResult(
                 strategy=strategy.name,
                 seed=seed,

@@ -1,8 +1,9 @@
 """The Simulator: drives a Strategy's verbs over the fleet and accounts bytes.
 
-Every device takes part in each round here (full participation); the ``loop`` backend runs
-``local`` device by device, which is also the reference the vectorised backend is checked
-against.
+Every device takes part in each round (full participation). Backends run the same verbs:
+``vectorized`` packs devices into blocks of similar step counts and calls ``local`` once per
+block under ``torch.func.vmap``; ``loop`` calls it device by device, readable and the oracle
+the vectorised backend is tested against.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from torch.func import vmap
 
-from coevo.sim.batching import device_batch, device_rows
-from coevo.strategies.base import Strategy
+from coevo.sim.batching import cohort_batch, device_rows, steps_per_device
+from coevo.strategies.base import DeviceBatch, Strategy
 from coevo.types import CloudState, DeviceState, Payload
 
+Backend = Literal["vectorized", "loop"]
 RoundHook = Callable[[dict[str, float]], None]
 ProgressHook = Callable[[int, int], None]
 
@@ -39,56 +43,108 @@ def wire_bytes(payload: Payload) -> int:
     return payload.num_bytes
 
 
+def _run_block(
+    strategy: Strategy, payload: Payload, state: DeviceState, batch: DeviceBatch, backend: Backend
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``local`` for a block of devices: (stacked uplinks, stacked states, stacked metrics)."""
+
+    def one(tensors, history, target, mask):
+        up, new, metrics = strategy.local(
+            payload, DeviceState(tensors), DeviceBatch(history, target, mask)
+        )
+        return dict(up.tensors), dict(new.tensors), dict(metrics)
+
+    if backend == "vectorized":
+        return vmap(one)(dict(state.tensors), batch.history, batch.target, batch.mask)
+    outputs = [
+        one(
+            {k: v[i] for k, v in state.tensors.items()},
+            batch.history[i],
+            batch.target[i],
+            batch.mask[i],
+        )
+        for i in range(len(batch.mask))
+    ]
+    return tuple(  # type: ignore[return-value]
+        {k: torch.stack([o[part][k] for o in outputs]) for k in outputs[0][part]}
+        for part in range(3)
+    )
+
+
 def simulate(
     strategy: Strategy,
     rng: torch.Generator,
     *,
+    backend: Backend = "vectorized",
+    block_size: int = 128,
     on_round: RoundHook | None = None,
     on_progress: ProgressHook | None = None,
+    cloud: CloudState | None = None,
 ) -> SimulationResult:
-    """Run ``strategy`` for its rounds with every device, one device at a time."""
+    """Run ``strategy`` for its rounds with every device taking part.
+
+    ``cloud`` skips ``init`` and starts from a given cloud state (to tune device-side settings
+    without re-training the cloud).
+    """
     task = strategy.task
     num_devices = task.num_devices
     started = time.perf_counter()
-    cloud = strategy.init(rng)
+    cloud = strategy.init(rng) if cloud is None else cloud
     devices = strategy.init_devices(cloud, num_devices)
     bytes_up = torch.zeros(num_devices, dtype=torch.long)
     bytes_down = torch.zeros(num_devices, dtype=torch.long)
     if strategy.local_period is not None:
-        rows, offsets = device_rows(task.split, strategy.local_period)
         local = strategy.config.local
+        rows, offsets = device_rows(task.split, strategy.local_period)
+        steps = steps_per_device(offsets[1:] - offsets[:-1], local.epochs, local.batch_size)
+        # Blocks of devices with similar step counts keep padding small.
+        by_steps = torch.argsort(steps, stable=True)
+        size = block_size if backend == "vectorized" else 1
+        blocks = [by_steps[i : i + size] for i in range(0, num_devices, size)]
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
         for round in range(strategy.rounds):
             payload = strategy.downlink(cloud, round)
             bytes_down += wire_bytes(payload)
-            uplinks, weights, losses = [], [], []
-            new_state: dict[str, list[torch.Tensor]] = {k: [] for k in devices.tensors}
-            for device in range(num_devices):
-                batch = device_batch(
+            new_state = {k: v.clone() for k, v in devices.tensors.items()}
+            uplinks: dict[str, list[torch.Tensor]] = {}
+            order, losses, done = [], [], 0
+            for block in blocks:
+                batch = cohort_batch(
                     task.split,
-                    rows[offsets[device] : offsets[device + 1]],
+                    rows,
+                    offsets,
+                    block,
                     epochs=local.epochs,
                     batch_size=local.batch_size,
                     history_len=task.shapes.device_history,
-                    generator=rng,
+                    seed=seed,
+                    round=round,
                 )
-                state = DeviceState({k: v[device] for k, v in devices.tensors.items()})
-                uplink, state, metrics = strategy.local(payload, state, batch)
-                for k in new_state:
-                    new_state[k].append(state[k])
-                uplinks.append(uplink)
-                weights.append(batch.num_examples)
-                losses.append(float(metrics.get("loss", torch.tensor(float("nan")))))
-                bytes_up[device] += wire_bytes(uplink)
+                state = DeviceState({k: v[block] for k, v in devices.tensors.items()})
+                up, new, metrics = _run_block(strategy, payload, state, batch, backend)
+                for k, v in new.items():
+                    new_state[k][block] = v
+                for k, v in up.items():
+                    uplinks.setdefault(k, []).append(v)
+                if up:
+                    sizes = Payload({k: v[0] for k, v in up.items()})
+                    bytes_up[block] += wire_bytes(sizes)
+                order.append(block)
+                losses.append(metrics.get("loss", torch.full((len(block),), float("nan"))))
+                done += len(block)
                 if on_progress is not None:
-                    on_progress(round * num_devices + device + 1, strategy.rounds * num_devices)
-            devices = DeviceState({k: torch.stack(v) for k, v in new_state.items()})
-            cloud = strategy.merge(cloud, uplinks, torch.stack(weights))
+                    on_progress(round * num_devices + done, strategy.rounds * num_devices)
+            devices = DeviceState(new_state)
+            members = torch.cat(order)
+            weights = (offsets[1:] - offsets[:-1])[members].float()
+            stacked = Payload({k: torch.cat(v) for k, v in uplinks.items()})
+            cloud = strategy.merge(cloud, stacked, weights)
             if on_round is not None:
                 on_round(
                     {
                         "round": round,
                         "devices": num_devices,
-                        "loss": sum(losses) / len(losses),
+                        "loss": float(torch.cat(losses).nanmean()),
                         "bytes_up": float(bytes_up.sum()),
                         "bytes_down": float(bytes_down.sum()),
                     }

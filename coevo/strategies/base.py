@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -66,6 +67,8 @@ class Strategy(ABC):
     local_period: ClassVar[Period | None] = "device"
     """Rows a device trains on in ``local``; ``None`` when devices do no training."""
     note: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]]
+    """The pydantic model of this strategy's settings (``name`` plus its knobs)."""
 
     def __init__(self, task: RecommendationTask, config: Any = None) -> None:
         self.task = task
@@ -94,10 +97,12 @@ class Strategy(ABC):
         """One device's work for a round: ``(uplink, new private state, metrics)``."""
         raise NotImplementedError(f"strategy {self.name!r} does no on-device training")
 
-    def merge(
-        self, cloud: CloudState, uplinks: Sequence[Payload], weights: torch.Tensor
-    ) -> CloudState:
-        """Next cloud state from the devices' uplinks (weighted by ``weights``)."""
+    def merge(self, cloud: CloudState, uplinks: Payload, weights: torch.Tensor) -> CloudState:
+        """Next cloud state from the devices' uplinks.
+
+        ``uplinks`` holds every uplink tensor stacked over the devices that reported,
+        ``[num_uplinks, ...]``, in the order of ``weights`` (their training-row counts).
+        """
         return cloud
 
     def request(self, history: torch.Tensor, candidates: torch.Tensor) -> Payload:
@@ -156,14 +161,18 @@ def local_train(
     for step in range(batch.history.shape[0]):
         mask = batch.mask[step]
         active = (mask.sum() > 0).float()
-        grads, loss = grad(loss_fn, has_aux=True)(weights, batch.history[step], batch.target[step], mask)
+        grads, loss = grad(loss_fn, has_aux=True)(
+            weights, batch.history[step], batch.target[step], mask
+        )
         total = total + loss * mask.sum()
         step_count = step_count + active
         t = step_count.clamp(min=1.0)
         for k in weights:
             first[k] = first[k] + active * (1 - betas[0]) * (grads[k] - first[k])
             second[k] = second[k] + active * (1 - betas[1]) * (grads[k] ** 2 - second[k])
-            update = (first[k] / (1 - betas[0] ** t)) / ((second[k] / (1 - betas[1] ** t)).sqrt() + 1e-8)
+            update = (first[k] / (1 - betas[0] ** t)) / (
+                (second[k] / (1 - betas[1] ** t)).sqrt() + 1e-8
+            )
             weights[k] = weights[k] - active * lr * update
     mean_loss = total / batch.mask.sum().clamp(min=1.0)
     return {**frozen, **weights}, mean_loss

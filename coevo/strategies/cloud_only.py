@@ -26,9 +26,9 @@ class CentralTraining(BaseModel):
     # More epochs fit better until validation stops improving; patience bounds the waste.
     epochs: int = Field(40, ge=1, le=1000)
     # Adam step size; larger trains faster but less stably.
-    lr: float = Field(3e-3, gt=0, le=1.0)
+    lr: float = Field(2e-3, gt=0, le=1.0)
     # Windows per optimiser step; larger is faster per epoch on CPU, noisier per step when small.
-    batch_size: int = Field(256, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536)
     # L2 penalty through Adam; regularises the item table of sparse datasets.
     weight_decay: float = Field(0.0, ge=0)
     # Evaluations without improvement before stopping.

@@ -47,7 +47,9 @@ class Finetune(Strategy):
         super().__init__(task, config or self.Config())
         self.model = task.device_model()
         names = [name for name, _ in self.model.named_parameters()]
-        self.personal = names if self.config.mode == "full" else [n for n in names if n.startswith("head.")]
+        self.personal = (
+            names if self.config.mode == "full" else [n for n in names if n.startswith("head.")]
+        )
 
     def init(self, rng: torch.Generator) -> CloudState:
         model = seeded_model(self.task.device_model, rng)

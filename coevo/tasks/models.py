@@ -137,6 +137,7 @@ class CloudModel(nn.Module):
         num_layers: int = 2,
         num_heads: int = 2,
         dropout: float = 0.2,
+        item_features: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -146,9 +147,17 @@ class CloudModel(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[num_items].zero_()
+        self.feature_projection: nn.Linear | None = None
+        if item_features is not None and item_features.shape[1] > 0:
+            padded = torch.cat([item_features.float(), torch.zeros(1, item_features.shape[1])])
+            self.register_buffer("item_features", padded, persistent=False)
+            self.feature_projection = nn.Linear(item_features.shape[1], dim, bias=False)
         self.position_embedding = nn.Embedding(history_len, dim)
         self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
+        # A skip path from the mean of the history: attention need not relearn averaging,
+        # which is most of the signal when tastes are stable.
+        self.pooled = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
@@ -157,7 +166,7 @@ class CloudModel(nn.Module):
         batch, length = history.shape
         keep = (history != self.num_items).unsqueeze(-1).float()
         positions = torch.arange(length, device=history.device) + self.history_len - length
-        x = self.item_embedding(history) * self.item_embedding.embedding_dim**0.5
+        x = self.item_vectors(history) * self.item_embedding.embedding_dim**0.5
         x = self.dropout(x + self.position_embedding(positions)) * keep
         # A large negative instead of -inf, and the diagonal always open, so that padded
         # positions never produce an all-masked softmax row (NaN).
@@ -166,9 +175,11 @@ class CloudModel(nn.Module):
         blocked = blocked & ~torch.eye(length, dtype=torch.bool)
         mask = torch.zeros(batch, length, length).masked_fill(blocked, -1e9)
         mask = mask.repeat_interleave(self.num_heads, dim=0)
+        items = self.item_vectors(history) * keep
+        prefix_mean = items.cumsum(1) / keep.cumsum(1).clamp(min=1.0)
         for block in self.blocks:
             x = block(x, mask) * keep
-        return self.norm(x) * keep
+        return (self.norm(x) + self.pooled(prefix_mean)) * keep
 
     def forward(
         self, history: torch.Tensor, candidates: torch.Tensor | None = None
@@ -177,15 +188,27 @@ class CloudModel(nn.Module):
         if candidates is None:
             return self.all_item_logits(history)
         user = self.encode(history)[:, -1]
-        return (self.item_embedding(candidates) * user.unsqueeze(-2)).sum(-1)
+        return (self.item_vectors(candidates) * user.unsqueeze(-2)).sum(-1)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Item id embedding plus the projection of its content features (if any)."""
+        if self.feature_projection is None:
+            return self.item_embedding(items)
+        features: torch.Tensor = self.item_features  # type: ignore[assignment]
+        return self.item_embedding(items) + self.feature_projection(features[items])
+
+    def _catalogue(self) -> torch.Tensor:
+        return self.item_vectors(
+            torch.arange(self.num_items, device=self.item_embedding.weight.device)
+        )
 
     def all_item_logits(self, history: torch.Tensor) -> torch.Tensor:
         """Scores of every real item after the last position, ``[batch, num_items]``."""
-        return self.encode(history)[:, -1] @ self.item_embedding.weight[: self.num_items].T
+        return self.encode(history)[:, -1] @ self._catalogue().T
 
     def sequence_logits(self, history: torch.Tensor) -> torch.Tensor:
         """Scores of every real item after each position, ``[batch, length, num_items]``."""
-        return self.encode(history) @ self.item_embedding.weight[: self.num_items].T
+        return self.encode(history) @ self._catalogue().T
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -207,7 +230,8 @@ def flops_per_request(model: nn.Module, history_len: int, num_candidates: int = 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(history, candidates)
     model.train(was_training)
-    dim = model.item_embedding.embedding_dim  # type: ignore[union-attr]
+    embedding = model.get_submodule("item_embedding")
+    dim = int(embedding.embedding_dim)  # type: ignore[arg-type]
     return int(counter.get_total_flops()) + 2 * num_candidates * dim + 2 * history_len * dim
 
 

@@ -152,7 +152,10 @@ def _sample_negatives(
         lo = np.searchsorted(rated_keys, chunk * log.num_items)
         hi = np.searchsorted(rated_keys, (chunk + 1) * log.num_items)
         rows = np.repeat(np.arange(len(chunk)), hi - lo)
-        cols = rated_keys[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])] % log.num_items
+        cols = (
+            rated_keys[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=False)])]
+            % log.num_items
+        )
         keys[rows, cols] = -1.0
         out[start : start + len(chunk)] = np.argpartition(-keys, num_negatives - 1, axis=1)[
             :, :num_negatives

@@ -72,6 +72,7 @@ class RecommendationTask:
             num_layers=s.cloud_layers,
             num_heads=s.cloud_heads,
             dropout=s.cloud_dropout,
+            item_features=self.split.item_features,
         )
 
     def model_facts(self) -> dict[str, dict[str, float]]:

@@ -83,7 +83,9 @@ def fit(
             total += float(loss.detach()) * len(batch)
             count += len(batch)
         score = None
-        if validate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        if validate is not None and (
+            (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        ):
             model.eval()
             with torch.no_grad():
                 score = validate(model)

@@ -1,11 +1,10 @@
 import pytest
 import torch
-from torch.func import vmap
 
-from coevo.sim.batching import device_batch, device_rows
+from coevo.sim.batching import cohort_batch, device_rows
 from coevo.sim.simulator import simulate, wire_bytes
 from coevo.strategies import CentralOracle, CloudOnly, DeviceOnly, Finetune, Popularity
-from coevo.strategies.base import local_train
+from coevo.strategies.base import DeviceBatch, local_train
 from coevo.testing import tiny_task
 from coevo.types import DeviceState
 
@@ -71,51 +70,25 @@ def test_l2_pull_keeps_weights_closer_to_the_global_model(task):
     assert distances[1] < distances[0]
 
 
-def test_padding_steps_change_nothing_and_vmap_equals_loop(task):
+def test_padding_steps_change_nothing(task):
     strategy = DeviceOnly(task)
     cloud = strategy.init(torch.Generator().manual_seed(0))
     rows, offsets = device_rows(task.split, "cloud+device")
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        device_batch(
-            task.split,
-            rows[offsets[d] : offsets[d + 1]],
-            epochs=1,
-            batch_size=4,
-            history_len=5,
-            generator=generator,
-            num_steps=12,
-        )
-        for d in range(3)
-    ]
-    params = dict(cloud.tensors)
-    names = list(params)
-    looped = [local_train(strategy.model, params, names, b, 0.01)[0] for b in batches]
-    # the same device with extra all-padding steps trains identically
-    longer = device_batch(
-        task.split,
-        rows[offsets[0] : offsets[1]],
-        epochs=1,
-        batch_size=4,
-        history_len=5,
-        generator=torch.Generator().manual_seed(1),
-        num_steps=20,
+    settings = {"epochs": 1, "batch_size": 4, "history_len": 5, "seed": 3}
+    batch = cohort_batch(task.split, rows, offsets, torch.tensor([0]), **settings)
+    one = DeviceBatch(batch.history[0], batch.target[0], batch.mask[0])
+    extra = 5
+    padded = DeviceBatch(
+        torch.cat([one.history, one.history[:extra]]),
+        torch.cat([one.target, one.target[:extra]]),
+        torch.cat([one.mask, torch.zeros_like(one.mask[:extra])]),
     )
-    again = local_train(strategy.model, params, names, longer, 0.01)[0]
-    for k in names:
-        assert torch.allclose(again[k], looped[0][k], atol=1e-6)
-    stacked = {
-        f: torch.stack([getattr(b, f) for b in batches]) for f in ("history", "target", "mask")
-    }
-
-    def one(history, target, mask):
-        batch = type(batches[0])(history, target, mask)
-        return local_train(strategy.model, params, names, batch, 0.01)[0]
-
-    vectorised = vmap(one)(stacked["history"], stacked["target"], stacked["mask"])
-    for d in range(3):
-        for k in names:
-            assert torch.allclose(vectorised[k][d], looped[d][k], atol=1e-5)
+    params = dict(cloud.tensors)
+    a, _ = local_train(strategy.model, params, list(params), one, 0.01)
+    b, _ = local_train(strategy.model, params, list(params), padded, 0.01)
+    for k in params:
+        assert torch.allclose(a[k], b[k], atol=1e-6)
+        assert not torch.equal(a[k], params[k]) or k == "item_embedding.weight"
 
 
 def test_device_only_sends_nothing_and_scores_with_personal_models(task):

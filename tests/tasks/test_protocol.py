@@ -58,9 +58,7 @@ def test_negatives_are_unrated_distinct_and_seeded(small_log):
 
 
 def test_p1_plus_keeps_only_high_ratings_as_positives():
-    log = make_log(
-        {0: list(range(10))}, 120, ratings={0: [5, 1, 4, 2, 5, 4, 3, 5, 4, 5]}
-    )
+    log = make_log({0: list(range(10))}, 120, ratings={0: [5, 1, 4, 2, 5, 4, 3, 5, 4, 5]})
     split = split_p1(log, seed=0, variant="P1+")
     assert split.items.tolist() == [0, 2, 4, 5, 7, 8, 9]
     # the low-rated items are still not valid negatives
