@@ -28,7 +28,7 @@ from coevo.strategies import STRATEGIES
 
 CONFIG = Path(__file__).parents[1] / "configs" / "baselines_ml100k.yaml"
 GRID = {
-    "device_only": [{"local": {"lr": lr}} for lr in (1e-3, 3e-3, 1e-2)],
+    "device_only": [{"local": {"lr": lr}} for lr in (3e-3, 1e-2)],
     "finetune": [
         {"mode": mode, "local": {"lr": lr}}
         for mode in ("full", "head")

@@ -42,7 +42,9 @@ class HeadOnly(Strategy):
         return CloudState({k: p.detach() for k, p in self.model.named_parameters()})
 
     def init_devices(self, cloud: CloudState, num_devices: int) -> DeviceState:
-        return DeviceState({k: cloud[k].expand(num_devices, *cloud[k].shape).clone() for k in PERSONAL})
+        return DeviceState(
+            {k: cloud[k].expand(num_devices, *cloud[k].shape).clone() for k in PERSONAL}
+        )
 
     def downlink(self, cloud: CloudState, round: int) -> Payload:
         return Payload(dict(cloud.tensors))
@@ -54,7 +56,13 @@ class HeadOnly(Strategy):
         trained, loss = local_train(self.model, params, PERSONAL, batch, self.config.local.lr)
         return Payload(), DeviceState({k: trained[k] for k in PERSONAL}), {"loss": loss}
 
-    def score(self, cloud, device_state, history, candidates):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        cloud: CloudState,
+        device_state: DeviceState,
+        history: torch.Tensor,
+        candidates: torch.Tensor,
+    ) -> torch.Tensor:
         shared = {k: v for k, v in cloud.tensors.items() if k not in device_state}
         return score_per_device(self.model, shared, device_state.tensors, history, candidates)
 

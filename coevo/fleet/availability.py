@@ -13,12 +13,19 @@ all day (a zero-length window cannot be expressed: leave such a device out of th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 _HOURS_PER_DAY = 24.0
+# Allowed range of each per-device field, shared with the trace reader.
+LIMITS = {
+    "timezone_offset_h": (-12.0, 14.0),
+    "active_start_h": (0.0, _HOURS_PER_DAY),
+    "active_end_h": (0.0, _HOURS_PER_DAY),
+    "dropout_rate": (0.0, 1.0),
+}
 
 
 def as_device_ids(devices: torch.Tensor, num_devices: int) -> torch.Tensor:
@@ -36,12 +43,6 @@ def as_device_ids(devices: torch.Tensor, num_devices: int) -> torch.Tensor:
             f"to {int(devices.max())}"
         )
     return devices
-
-
-def _check_range(name: str, values: torch.Tensor, low: float, high: float) -> None:
-    if values.numel() and not bool(((values >= low) & (values <= high)).all()):
-        bad = values[~((values >= low) & (values <= high))][0].item()
-        raise ValueError(f"{name} must be in [{low}, {high}], got {bad}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,17 +63,24 @@ class Availability:
 
     def __post_init__(self) -> None:
         shape = self.timezone_offset_h.shape
-        for name in ("timezone_offset_h", "active_start_h", "active_end_h", "dropout_rate"):
+        for name, (low, high) in LIMITS.items():
             values = getattr(self, name)
             if values.dim() != 1 or values.shape != shape:
                 raise ValueError(
                     f"{name} must have shape {list(shape)} like timezone_offset_h, got "
                     f"{list(values.shape)}"
                 )
-        _check_range("timezone_offset_h", self.timezone_offset_h, -12.0, 14.0)
-        _check_range("active_start_h", self.active_start_h, 0.0, _HOURS_PER_DAY)
-        _check_range("active_end_h", self.active_end_h, 0.0, _HOURS_PER_DAY)
-        _check_range("dropout_rate", self.dropout_rate, 0.0, 1.0)
+            inside = (values >= low) & (values <= high)
+            if not bool(inside.all()):
+                raise ValueError(
+                    f"{name} must be in [{low}, {high}], got {values[~inside][0].item()}"
+                )
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, torch.Tensor], num_devices: int) -> Availability:
+        """From the fields a trace gives; missing fields as in :func:`always_available`."""
+        defaults = always_available(num_devices)
+        return cls(**{name: columns.get(name, getattr(defaults, name)) for name in LIMITS})
 
     def __len__(self) -> int:
         return self.timezone_offset_h.shape[0]

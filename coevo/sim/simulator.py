@@ -54,21 +54,18 @@ def _run_block(
         )
         return dict(up.tensors), dict(new.tensors), dict(metrics)
 
+    batch_fields = (batch.history, batch.target, batch.mask)
     if backend == "vectorized":
-        return vmap(one)(dict(state.tensors), batch.history, batch.target, batch.mask)
+        return vmap(one)(dict(state.tensors), *batch_fields)
     outputs = [
-        one(
-            {k: v[i] for k, v in state.tensors.items()},
-            batch.history[i],
-            batch.target[i],
-            batch.mask[i],
-        )
+        one({k: v[i] for k, v in state.tensors.items()}, *(t[i] for t in batch_fields))
         for i in range(len(batch.mask))
     ]
-    return tuple(  # type: ignore[return-value]
+    uplinks, states, metrics = (
         {k: torch.stack([o[part][k] for o in outputs]) for k in outputs[0][part]}
         for part in range(3)
     )
+    return uplinks, states, metrics
 
 
 def simulate(

@@ -8,9 +8,9 @@ loops over devices, logs, or touches sockets or clocks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -202,7 +202,10 @@ def score_per_device(
     return vmap(one)(dict(stacked), history, candidates)
 
 
-def seeded_model(build: Any, rng: torch.Generator) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def seeded_model(build: Callable[[], ModuleT], rng: torch.Generator) -> ModuleT:
     """Build a module whose initial weights are drawn from ``rng`` (the global RNG is untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))

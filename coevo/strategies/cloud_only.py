@@ -7,7 +7,7 @@ ids up, candidate scores down, per request; no training traffic.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,8 +70,8 @@ class CloudOnly(Strategy):
     name = "cloud_only"
     serving = "cloud"
     local_period = None
-    Config = CloudOnlyConfig
-    train_period: Period = "cloud"
+    Config: ClassVar[type[BaseModel]] = CloudOnlyConfig
+    train_period: ClassVar[Period] = "cloud"
 
     def __init__(self, task: RecommendationTask, config: CloudOnlyConfig | None = None) -> None:
         super().__init__(task, config or self.Config())

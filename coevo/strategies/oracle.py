@@ -6,7 +6,7 @@ private data. Device and wire as cloud-only.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,5 +23,5 @@ class CentralOracleConfig(BaseModel):
 class CentralOracle(CloudOnly):
     name = "central_oracle"
     note = "privacy-free upper bound"
-    Config = CentralOracleConfig  # type: ignore[assignment]
-    train_period: Period = "cloud+device"
+    Config: ClassVar[type[BaseModel]] = CentralOracleConfig
+    train_period: ClassVar[Period] = "cloud+device"

@@ -26,6 +26,8 @@ class DeviceModel(nn.Module):
         torch.Size([1, 2])
     """
 
+    item_features: torch.Tensor
+
     def __init__(
         self,
         num_items: int,
@@ -52,8 +54,7 @@ class DeviceModel(nn.Module):
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         if self.feature_projection is None:
             return self.item_embedding(items)
-        features: torch.Tensor = self.item_features  # type: ignore[assignment]
-        return self.item_embedding(items) + self.feature_projection(features[items])
+        return self.item_embedding(items) + self.feature_projection(self.item_features[items])
 
     def user_vector(self, history: torch.Tensor) -> torch.Tensor:
         history = history[..., -self.history_len :]
@@ -129,6 +130,8 @@ class CloudModel(nn.Module):
         torch.Size([1, 3])
     """
 
+    item_features: torch.Tensor
+
     def __init__(
         self,
         num_items: int,
@@ -194,8 +197,7 @@ class CloudModel(nn.Module):
         """Item id embedding plus the projection of its content features (if any)."""
         if self.feature_projection is None:
             return self.item_embedding(items)
-        features: torch.Tensor = self.item_features  # type: ignore[assignment]
-        return self.item_embedding(items) + self.feature_projection(features[items])
+        return self.item_embedding(items) + self.feature_projection(self.item_features[items])
 
     def _catalogue(self) -> torch.Tensor:
         return self.item_vectors(
@@ -231,7 +233,9 @@ def flops_per_request(model: nn.Module, history_len: int, num_candidates: int = 
         model(history, candidates)
     model.train(was_training)
     embedding = model.get_submodule("item_embedding")
-    dim = int(embedding.embedding_dim)  # type: ignore[arg-type]
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError("flops_per_request needs a model with an nn.Embedding 'item_embedding'")
+    dim = embedding.embedding_dim
     return int(counter.get_total_flops()) + 2 * num_candidates * dim + 2 * history_len * dim
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from coevo.tasks.models import cross_entropy_all_items
+from coevo.tasks.models import CloudModel, DeviceModel, cross_entropy_all_items
 from coevo.tasks.protocol import P1Split
 
 
@@ -50,14 +50,14 @@ def windows(split: P1Split, rows: torch.Tensor, window: int) -> tuple[torch.Tens
 
 
 def fit(
-    model: nn.Module,
+    model: DeviceModel | CloudModel,
     split: P1Split,
     rows: torch.Tensor,
     config: FitConfig,
     generator: torch.Generator,
     validate: Callable[[nn.Module], float] | None = None,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
-) -> nn.Module:
+) -> DeviceModel | CloudModel:
     """Train ``model`` (it must have ``sequence_logits``) with Adam; keep the best validation.
 
     Returns the model with the weights of the best validation score (the last epoch's when
@@ -72,7 +72,7 @@ def fit(
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            logits = model.sequence_logits(inputs[batch])  # type: ignore[operator]
+            logits = model.sequence_logits(inputs[batch])
             target = targets[batch]
             loss_rows = cross_entropy_all_items(logits.flatten(0, 1), target.flatten())
             valid = (target < split.num_items).sum().clamp(min=1)

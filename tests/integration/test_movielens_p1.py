@@ -10,6 +10,7 @@ from coevo.strategies import Popularity
 from coevo.tasks.movielens import load_movielens_100k
 from coevo.tasks.protocol import split_p1
 from coevo.tasks.recommendation import ModelShapes, RecommendationTask
+from coevo.types import DeviceState
 
 DATA = os.environ.get("COEVO_DATA")
 pytestmark = [
@@ -44,7 +45,7 @@ def test_popularity_with_seeded_ties_lands_in_the_protocol_range(log):
         cloud = strategy.init(torch.Generator())
 
         def scorer(devices, history, candidates, strategy=strategy, cloud=cloud):
-            return strategy.score(cloud, None, history, candidates)  # type: ignore[arg-type]
+            return strategy.score(cloud, DeviceState(), history, candidates)
 
         values.append(task.evaluate(scorer, full_ranking=False, seed=seed)[1]["hr@10"])
     mean = sum(values) / len(values)
