@@ -105,15 +105,16 @@ DEMO: dict[str, Any] = {
             "mean_interactions": 45,
             "max_interactions": 250,
             "popularity_weight": 0.5,
+            "drift_scale": 1.0,
         },
     },
     "models": {"cloud": {"dim": 48}},
     "strategies": [
         {"name": "popularity"},
         {"name": "device_only"},
-        {"name": "cloud_only", "train": {"epochs": 30}},
-        {"name": "finetune", "pretrain": {"epochs": 30}},
-        {"name": "central_oracle", "train": {"epochs": 30}},
+        {"name": "cloud_only", "train": {"epochs": 24}},
+        {"name": "finetune", "pretrain": {"epochs": 24}},
+        {"name": "central_oracle", "train": {"epochs": 24}},
     ],
 }
 

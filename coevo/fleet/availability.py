@@ -165,10 +165,12 @@ def diurnal_availability(
     zone = torch.randint(len(offsets), (num_devices,), generator=generator)
     jitter = jitter_h * torch.randn(num_devices, generator=generator, dtype=torch.float64)
     start_h = torch.remainder(night_start_h + jitter, _HOURS_PER_DAY)
+    # A 24-hour window ends exactly where it starts (all day); adding 24 and taking the
+    # remainder could round to just past the start and leave a window of almost nothing.
+    end_h = start_h if window_h == _HOURS_PER_DAY else start_h + window_h
     return Availability(
         timezone_offset_h=offsets[zone],
         active_start_h=start_h,
-        # A 24-hour window ends where it starts, which the convention reads as all day.
-        active_end_h=torch.remainder(start_h + window_h, _HOURS_PER_DAY),
+        active_end_h=torch.remainder(end_h, _HOURS_PER_DAY),
         dropout_rate=torch.full((num_devices,), dropout_rate, dtype=torch.float64),
     )

@@ -68,6 +68,15 @@ def _run_block(
     return uplinks, states, metrics
 
 
+def select_cohort(
+    num_devices: int, devices_per_round: int | None, rng: torch.Generator
+) -> torch.Tensor:
+    """Uniformly sampled devices of one round, sorted (all of them when ``None``)."""
+    if devices_per_round is None or devices_per_round >= num_devices:
+        return torch.arange(num_devices)
+    return torch.sort(torch.randperm(num_devices, generator=rng)[:devices_per_round]).values
+
+
 def simulate(
     strategy: Strategy,
     rng: torch.Generator,
@@ -77,6 +86,7 @@ def simulate(
     on_round: RoundHook | None = None,
     on_progress: ProgressHook | None = None,
     cloud: CloudState | None = None,
+    devices_per_round: int | None = None,
 ) -> SimulationResult:
     """Run ``strategy`` for its rounds with every device taking part.
 
@@ -94,17 +104,18 @@ def simulate(
         local = strategy.config.local
         rows, offsets = device_rows(task.split, strategy.local_period)
         steps = steps_per_device(offsets[1:] - offsets[:-1], local.epochs, local.batch_size)
-        # Blocks of devices with similar step counts keep padding small.
-        by_steps = torch.argsort(steps, stable=True)
         size = block_size if backend == "vectorized" else 1
-        blocks = [by_steps[i : i + size] for i in range(0, num_devices, size)]
         seed = int(torch.randint(0, 2**62, (1,), generator=rng))
         for round in range(strategy.rounds):
+            cohort = select_cohort(num_devices, devices_per_round, rng)
+            # Blocks of devices with similar step counts keep padding small.
+            by_steps = cohort[torch.argsort(steps[cohort], stable=True)]
+            blocks = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
             payload = strategy.downlink(cloud, round)
-            bytes_down += wire_bytes(payload)
+            bytes_down[cohort] += wire_bytes(payload)
             new_state = {k: v.clone() for k, v in devices.tensors.items()}
             uplinks: dict[str, list[torch.Tensor]] = {}
-            order, losses, done = [], [], 0
+            losses, done = [], 0
             for block in blocks:
                 batch = cohort_batch(
                     task.split,
@@ -124,23 +135,21 @@ def simulate(
                 for k, v in up.items():
                     uplinks.setdefault(k, []).append(v)
                 if up:
-                    sizes = Payload({k: v[0] for k, v in up.items()})
-                    bytes_up[block] += wire_bytes(sizes)
-                order.append(block)
+                    # Fixed shapes give every device the same encoded length.
+                    bytes_up[block] += wire_bytes(Payload({k: v[0] for k, v in up.items()}))
                 losses.append(metrics.get("loss", torch.full((len(block),), float("nan"))))
                 done += len(block)
                 if on_progress is not None:
-                    on_progress(round * num_devices + done, strategy.rounds * num_devices)
+                    on_progress(round * len(cohort) + done, strategy.rounds * len(cohort))
             devices = DeviceState(new_state)
-            members = torch.cat(order)
-            weights = (offsets[1:] - offsets[:-1])[members].float()
+            weights = (offsets[1:] - offsets[:-1])[by_steps].float()
             stacked = Payload({k: torch.cat(v) for k, v in uplinks.items()})
             cloud = strategy.merge(cloud, stacked, weights)
             if on_round is not None:
                 on_round(
                     {
                         "round": round,
-                        "devices": num_devices,
+                        "devices": len(cohort),
                         "loss": float(torch.cat(losses).nanmean()),
                         "bytes_up": float(bytes_up.sum()),
                         "bytes_down": float(bytes_down.sum()),

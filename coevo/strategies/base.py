@@ -133,13 +133,16 @@ def local_train(
     *,
     anchor: Mapping[str, torch.Tensor] | None = None,
     l2: float = 0.0,
+    correction: Mapping[str, torch.Tensor] | None = None,
+    optimizer: str = "adam",
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> tuple[Params, torch.Tensor]:
-    """Adam on ``trainable`` params over every step of ``batch``; pure and vmappable.
+    """Adam or plain SGD on ``trainable`` params over every step of ``batch``; pure, vmappable.
 
     Steps whose mask is all padding leave the parameters and the optimiser moments unchanged,
     so devices padded to a common step count train exactly as if alone. With ``anchor``, the
-    loss adds ``l2 / 2 * ||w - anchor||^2`` (regularised fine-tuning).
+    loss adds ``l2 / 2 * ||w - anchor||^2`` (regularised fine-tuning, FedProx's proximal
+    term). ``correction`` is added to every gradient (SCAFFOLD's ``c - c_i``).
 
     Returns the new parameters (all of them) and the mean training loss over real examples.
     """
@@ -167,6 +170,11 @@ def local_train(
         total = total + loss * mask.sum()
         step_count = step_count + active
         t = step_count.clamp(min=1.0)
+        if correction is not None:
+            grads = {k: g + correction[k] for k, g in grads.items()}
+        if optimizer == "sgd":
+            weights = {k: weights[k] - active * lr * grads[k] for k in weights}
+            continue
         for k in weights:
             first[k] = first[k] + active * (1 - betas[0]) * (grads[k] - first[k])
             second[k] = second[k] + active * (1 - betas[1]) * (grads[k] ** 2 - second[k])

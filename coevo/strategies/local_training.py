@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,3 +17,5 @@ class LocalTraining(BaseModel):
     lr: float = Field(1e-3, gt=0, le=10.0)
     # Examples per step; small devices have few rows, so small batches give more steps.
     batch_size: int = Field(16, ge=1, le=4096)
+    # adam adapts per weight (robust to lr); sgd is what federated analyses assume.
+    optimizer: Literal["adam", "sgd"] = "adam"
