@@ -53,7 +53,9 @@ class HeadOnly(Strategy):
         self, payload: Payload, device_state: DeviceState, batch: DeviceBatch
     ) -> tuple[Payload, DeviceState, Metrics]:
         params = {**payload.tensors, **device_state.tensors}
-        trained, loss = local_train(self.model, params, PERSONAL, batch, self.config.local.lr)
+        trained, loss = local_train(
+            self.model, params, PERSONAL, batch, self.config.local.lr, loss=self.task.batch_loss
+        )
         return Payload(), DeviceState({k: trained[k] for k in PERSONAL}), {"loss": loss}
 
     def score(

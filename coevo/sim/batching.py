@@ -7,10 +7,18 @@ the vectorised backend (blocks of many) train on exactly the same batches.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from coevo.strategies.base import DeviceBatch
-from coevo.tasks.protocol import P1Split, Period
+
+
+class Task(Protocol):
+    """What batching needs of a task: its example tensors for given rows."""
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
 
 _MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
 _MIX_2 = -7723592293110705685  # 0x94D049BB133111EB as int64
@@ -27,26 +35,18 @@ def row_keys(rows: torch.Tensor, *salt: int) -> torch.Tensor:
     return x ^ (x >> 31)
 
 
-def device_rows(split: P1Split, period: Period) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``period`` grouped by device: ``(rows, offsets [num_devices + 1])``."""
-    rows = split.rows(period)
-    counts = torch.bincount(split.device_of_row[rows], minlength=split.num_devices)
-    return rows, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-
-
 def steps_per_device(counts: torch.Tensor, epochs: int, batch_size: int) -> torch.Tensor:
     return epochs * (-(-counts // batch_size))
 
 
 def cohort_batch(
-    split: P1Split,
+    task: Task,
     rows: torch.Tensor,
     offsets: torch.Tensor,
     devices: torch.Tensor,
     *,
     epochs: int,
     batch_size: int,
-    history_len: int,
     seed: int,
     round: int = 0,
 ) -> DeviceBatch:
@@ -73,7 +73,4 @@ def cohort_batch(
         order = order[torch.argsort(owner[order], stable=True)]
         step = epoch * per_epoch[owner] + position // batch_size
         index[owner, step, position % batch_size] = block_rows[order]
-    mask = (index >= 0).float()
-    safe = index.clamp(min=0)
-    history = split.history(safe.flatten(), history_len).view(*index.shape, history_len)
-    return DeviceBatch(history=history, target=split.items[safe], mask=mask)
+    return DeviceBatch(inputs=task.gather(index.clamp(min=0)), mask=(index >= 0).float())

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch.func import vmap
 
-from coevo.sim.batching import cohort_batch, device_rows, steps_per_device
+from coevo.sim.batching import cohort_batch, steps_per_device
 from coevo.strategies.base import DeviceBatch, Strategy
 from coevo.types import CloudState, DeviceState, Payload
 
@@ -48,17 +48,18 @@ def _run_block(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``local`` for a block of devices: (stacked uplinks, stacked states, stacked metrics)."""
 
-    def one(tensors, history, target, mask):
-        up, new, metrics = strategy.local(
-            payload, DeviceState(tensors), DeviceBatch(history, target, mask)
-        )
+    def one(tensors, inputs, mask):
+        up, new, metrics = strategy.local(payload, DeviceState(tensors), DeviceBatch(inputs, mask))
         return dict(up.tensors), dict(new.tensors), dict(metrics)
 
-    batch_fields = (batch.history, batch.target, batch.mask)
     if backend == "vectorized":
-        return vmap(one)(dict(state.tensors), *batch_fields)
+        return vmap(one)(dict(state.tensors), dict(batch.inputs), batch.mask)
     outputs = [
-        one({k: v[i] for k, v in state.tensors.items()}, *(t[i] for t in batch_fields))
+        one(
+            {k: v[i] for k, v in state.tensors.items()},
+            {k: v[i] for k, v in batch.inputs.items()},
+            batch.mask[i],
+        )
         for i in range(len(batch.mask))
     ]
     uplinks, states, metrics = (
@@ -102,7 +103,7 @@ def simulate(
     bytes_down = torch.zeros(num_devices, dtype=torch.long)
     if strategy.local_period is not None:
         local = strategy.config.local
-        rows, offsets = device_rows(task.split, strategy.local_period)
+        rows, offsets = task.device_rows(strategy.local_period)
         steps = steps_per_device(offsets[1:] - offsets[:-1], local.epochs, local.batch_size)
         size = block_size if backend == "vectorized" else 1
         seed = int(torch.randint(0, 2**62, (1,), generator=rng))
@@ -118,13 +119,12 @@ def simulate(
             losses, done = [], 0
             for block in blocks:
                 batch = cohort_batch(
-                    task.split,
+                    task,
                     rows,
                     offsets,
                     block,
                     epochs=local.epochs,
                     batch_size=local.batch_size,
-                    history_len=task.shapes.device_history,
                     seed=seed,
                     round=round,
                 )

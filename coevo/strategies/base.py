@@ -17,7 +17,6 @@ from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from coevo.tasks.models import cross_entropy_all_items
 from coevo.tasks.protocol import Period
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
@@ -25,19 +24,28 @@ from coevo.types import CloudState, DeviceState, Metrics, Payload
 Params = dict[str, torch.Tensor]
 
 
+LossFn = Callable[
+    [nn.Module, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor
+]
+"""``loss(model, params, inputs, mask)``: mean loss over the real examples of one step."""
+
+
 @dataclass(frozen=True)
 class DeviceBatch:
     """One device's training examples for a round, already cut into optimiser steps.
 
     Attributes:
-        history: int64 ``[steps, batch, length]`` inputs (left-padded with the padding item).
-        target: int64 ``[steps, batch]`` next items.
+        inputs: the task's named example tensors, each ``[steps, batch, ...]`` (for
+            recommendation: ``history [steps, batch, length]`` and ``target [steps, batch]``).
         mask: float32 ``[steps, batch]``: 1 for a real example, 0 for padding.
     """
 
-    history: torch.Tensor
-    target: torch.Tensor
+    inputs: Mapping[str, torch.Tensor]
     mask: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.mask.shape[0]
 
     @property
     def num_examples(self) -> torch.Tensor:
@@ -131,6 +139,7 @@ def local_train(
     batch: DeviceBatch,
     lr: float,
     *,
+    loss: LossFn,
     anchor: Mapping[str, torch.Tensor] | None = None,
     l2: float = 0.0,
     correction: Mapping[str, torch.Tensor] | None = None,
@@ -148,26 +157,24 @@ def local_train(
     """
     frozen = {k: v for k, v in params.items() if k not in trainable}
     weights = {k: params[k] for k in trainable}
-    buffers = dict(model.named_buffers())
 
-    def loss_fn(w: Params, history: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-        logits = functional_call(model, {**frozen, **w, **buffers}, (history,))
-        loss = (cross_entropy_all_items(logits, target) * mask).sum() / mask.sum().clamp(min=1.0)
+    def loss_fn(w: Params, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor):
+        value = loss(model, {**frozen, **w}, inputs, mask)
+        reported = value.detach()
         if anchor is not None and l2 > 0:
-            loss = loss + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in w)
-        return loss, loss.detach()
+            value = value + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in w)
+        return value, reported
 
     first = {k: torch.zeros_like(v) for k, v in weights.items()}
     second = {k: torch.zeros_like(v) for k, v in weights.items()}
     step_count = torch.zeros(())
     total = torch.zeros(())
-    for step in range(batch.history.shape[0]):
+    for step in range(batch.num_steps):
         mask = batch.mask[step]
         active = (mask.sum() > 0).float()
-        grads, loss = grad(loss_fn, has_aux=True)(
-            weights, batch.history[step], batch.target[step], mask
-        )
-        total = total + loss * mask.sum()
+        inputs = {k: v[step] for k, v in batch.inputs.items()}
+        grads, step_loss = grad(loss_fn, has_aux=True)(weights, inputs, mask)
+        total = total + step_loss * mask.sum()
         step_count = step_count + active
         t = step_count.clamp(min=1.0)
         if correction is not None:

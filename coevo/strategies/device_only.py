@@ -52,7 +52,9 @@ class DeviceOnly(Strategy):
         self, payload: Payload, device_state: DeviceState, batch: DeviceBatch
     ) -> tuple[Payload, DeviceState, Metrics]:
         params = dict(device_state.tensors)
-        trained, loss = local_train(self.model, params, list(params), batch, self.config.local.lr)
+        trained, loss = local_train(
+            self.model, params, list(params), batch, self.config.local.lr, loss=self.task.batch_loss
+        )
         return Payload(), DeviceState(trained), {"loss": loss}
 
     def score(

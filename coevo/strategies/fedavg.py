@@ -84,6 +84,7 @@ class FedAvg(Strategy):
             list(params),
             batch,
             local.lr,
+            loss=self.task.batch_loss,
             optimizer=local.optimizer,
             **self.local_extras(payload, device_state),
         )

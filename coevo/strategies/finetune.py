@@ -76,6 +76,7 @@ class Finetune(Strategy):
             self.personal,
             batch,
             self.config.local.lr,
+            loss=self.task.batch_loss,
             anchor=params,
             l2=self.config.l2,
         )

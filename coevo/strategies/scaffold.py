@@ -56,7 +56,14 @@ class Scaffold(FedAvg):
         correction |= {k: torch.zeros_like(device_state[k]) for k in self.private}
         lr = self.config.local.lr
         trained, loss = local_train(
-            self.model, params, list(params), batch, lr, correction=correction, optimizer="sgd"
+            self.model,
+            params,
+            list(params),
+            batch,
+            lr,
+            loss=self.task.batch_loss,
+            correction=correction,
+            optimizer="sgd",
         )
         steps = (batch.mask.sum(1) > 0).sum().clamp(min=1)
         update, new_state = {}, {k: trained[k] for k in self.private}

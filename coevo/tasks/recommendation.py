@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from coevo.tasks.log import InteractionLog
 from coevo.tasks.metrics import full_ranking_metrics, sampled_metrics, summarize
-from coevo.tasks.models import CloudModel, DeviceModel, count_parameters, flops_per_request
+from coevo.tasks.models import (
+    CloudModel,
+    DeviceModel,
+    count_parameters,
+    cross_entropy_all_items,
+    flops_per_request,
+)
 from coevo.tasks.protocol import P1Split, Period
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,6 +97,32 @@ class RecommendationTask:
 
     def rows(self, period: Period) -> torch.Tensor:
         return self.split.rows(period)
+
+    def device_rows(self, period: Period) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training rows of ``period`` grouped by device: ``(rows, offsets [num_devices + 1])``."""
+        rows = self.split.rows(period)
+        counts = torch.bincount(self.split.device_of_row[rows], minlength=self.num_devices)
+        return rows, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Example tensors of ``rows`` (any shape): the device history before each row and
+        the row's item, ``history [..., device_history]`` and ``target [...]``."""
+        length = self.shapes.device_history
+        history = self.split.history(rows.flatten(), length).view(*rows.shape, length)
+        return {"history": history, "target": self.split.items[rows]}
+
+    @staticmethod
+    def batch_loss(
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Full-catalogue softmax cross-entropy, averaged over the real examples of a step."""
+        weights = {**params, **dict(model.named_buffers())}
+        logits = functional_call(model, weights, (inputs["history"],))
+        loss = cross_entropy_all_items(logits, inputs["target"]) * mask
+        return loss.sum() / mask.sum().clamp(min=1.0)
 
     def evaluate(
         self,

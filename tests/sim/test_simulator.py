@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from coevo.sim.batching import cohort_batch, device_rows, row_keys
+from coevo.sim.batching import cohort_batch, row_keys
 from coevo.sim.simulator import simulate
 from coevo.strategies import DeviceOnly, Finetune
 from coevo.testing import tiny_task
@@ -20,22 +20,20 @@ def test_row_keys_are_deterministic_and_salted():
 
 
 def test_batches_do_not_depend_on_the_block(task):
-    rows, offsets = device_rows(task.split, "device")
-    settings = {"epochs": 2, "batch_size": 3, "history_len": 4, "seed": 11}
-    together = cohort_batch(task.split, rows, offsets, torch.tensor([2, 5, 7]), **settings)
-    alone = cohort_batch(task.split, rows, offsets, torch.tensor([5]), **settings)
+    rows, offsets = task.device_rows("device")
+    settings = {"epochs": 2, "batch_size": 3, "seed": 11}
+    together = cohort_batch(task, rows, offsets, torch.tensor([2, 5, 7]), **settings)
+    alone = cohort_batch(task, rows, offsets, torch.tensor([5]), **settings)
     steps = alone.mask.shape[1]
-    assert torch.equal(together.target[1, :steps], alone.target[0])
+    assert torch.equal(together.inputs["target"][1, :steps], alone.inputs["target"][0])
     assert torch.equal(together.mask[1, :steps], alone.mask[0])
     assert together.mask[1, steps:].sum() == 0
 
 
 def test_each_epoch_visits_every_device_row_once(task):
-    rows, offsets = device_rows(task.split, "device")
-    batch = cohort_batch(
-        task.split, rows, offsets, torch.tensor([4]), epochs=3, batch_size=2, history_len=4, seed=0
-    )
-    seen = batch.target[0][batch.mask[0] > 0]
+    rows, offsets = task.device_rows("device")
+    batch = cohort_batch(task, rows, offsets, torch.tensor([4]), epochs=3, batch_size=2, seed=0)
+    seen = batch.inputs["target"][0][batch.mask[0] > 0]
     expected = task.split.items[rows[offsets[4] : offsets[5]]]
     assert sorted(seen.tolist()) == sorted(expected.tolist() * 3)
 

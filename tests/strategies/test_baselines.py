@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from coevo.sim.batching import cohort_batch, device_rows
+from coevo.sim.batching import cohort_batch
 from coevo.sim.simulator import simulate, wire_bytes
 from coevo.strategies import CentralOracle, CloudOnly, DeviceOnly, Finetune, Popularity
 from coevo.strategies.base import DeviceBatch, local_train
@@ -73,19 +73,19 @@ def test_l2_pull_keeps_weights_closer_to_the_global_model(task):
 def test_padding_steps_change_nothing(task):
     strategy = DeviceOnly(task)
     cloud = strategy.init(torch.Generator().manual_seed(0))
-    rows, offsets = device_rows(task.split, "cloud+device")
-    settings = {"epochs": 1, "batch_size": 4, "history_len": 5, "seed": 3}
-    batch = cohort_batch(task.split, rows, offsets, torch.tensor([0]), **settings)
-    one = DeviceBatch(batch.history[0], batch.target[0], batch.mask[0])
+    rows, offsets = task.device_rows("cloud+device")
+    settings = {"epochs": 1, "batch_size": 4, "seed": 3}
+    batch = cohort_batch(task, rows, offsets, torch.tensor([0]), **settings)
+    one = DeviceBatch({k: v[0] for k, v in batch.inputs.items()}, batch.mask[0])
     extra = 5
     padded = DeviceBatch(
-        torch.cat([one.history, one.history[:extra]]),
-        torch.cat([one.target, one.target[:extra]]),
+        {k: torch.cat([v, v[:extra]]) for k, v in one.inputs.items()},
         torch.cat([one.mask, torch.zeros_like(one.mask[:extra])]),
     )
     params = dict(cloud.tensors)
-    a, _ = local_train(strategy.model, params, list(params), one, 0.01)
-    b, _ = local_train(strategy.model, params, list(params), padded, 0.01)
+    loss = task.batch_loss
+    a, _ = local_train(strategy.model, params, list(params), one, 0.01, loss=loss)
+    b, _ = local_train(strategy.model, params, list(params), padded, 0.01, loss=loss)
     for k in params:
         assert torch.allclose(a[k], b[k], atol=1e-6)
         assert not torch.equal(a[k], params[k]) or k == "item_embedding.weight"
