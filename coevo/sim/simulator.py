@@ -88,11 +88,13 @@ def simulate(
     on_progress: ProgressHook | None = None,
     cloud: CloudState | None = None,
     devices_per_round: int | None = None,
+    select: Callable[[int], torch.Tensor] | None = None,
 ) -> SimulationResult:
-    """Run ``strategy`` for its rounds with every device taking part.
+    """Run ``strategy`` for its rounds.
 
     ``cloud`` skips ``init`` and starts from a given cloud state (to tune device-side settings
-    without re-training the cloud).
+    without re-training the cloud). Each round takes ``devices_per_round`` devices sampled
+    uniformly (all when ``None``), or the devices ``select(round)`` returns.
     """
     task = strategy.task
     num_devices = task.num_devices
@@ -108,7 +110,11 @@ def simulate(
         size = block_size if backend == "vectorized" else 1
         seed = int(torch.randint(0, 2**62, (1,), generator=rng))
         for round in range(strategy.rounds):
-            cohort = select_cohort(num_devices, devices_per_round, rng)
+            cohort = (
+                select(round)
+                if select is not None
+                else select_cohort(num_devices, devices_per_round, rng)
+            )
             # Blocks of devices with similar step counts keep padding small.
             by_steps = cohort[torch.argsort(steps[cohort], stable=True)]
             blocks = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
