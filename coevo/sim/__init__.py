@@ -1,6 +1,8 @@
 """The Simulator: runs strategies over a simulated fleet and accounts bytes."""
 
+from coevo.sim.clock import Fleet
 from coevo.sim.experiment import run
-from coevo.sim.simulator import SimulationResult, simulate, wire_bytes
+from coevo.sim.simulator import SimulationResult, simulate
+from coevo.sim.wire import wire_bytes
 
-__all__ = ["SimulationResult", "run", "simulate", "wire_bytes"]
+__all__ = ["Fleet", "SimulationResult", "run", "simulate", "wire_bytes"]

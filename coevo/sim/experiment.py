@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from coevo.config import ConfigError, RunConfig, parse
 from coevo.report import Callback, RunInfo, StrategyResult, to_plain
-from coevo.sim.simulator import SimulationResult, simulate, wire_bytes
+from coevo.sim.simulator import SimulationResult, simulate
+from coevo.sim.wire import wire_bytes
 from coevo.strategies import STRATEGIES, Strategy
 from coevo.tasks.log import InteractionLog, describe
 from coevo.tasks.movielens import load_movielens_100k

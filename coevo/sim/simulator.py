@@ -1,81 +1,54 @@
-"""The Simulator: drives a Strategy's verbs over the fleet and accounts bytes.
+"""The Simulator: drives a Strategy's verbs over a simulated fleet, round by round.
 
-Every device takes part in each round (full participation). Backends run the same verbs:
-``vectorized`` packs devices into blocks of similar step counts and calls ``local`` once per
-block under ``torch.func.vmap``; ``loop`` calls it device by device, readable and the oracle
-the vectorised backend is tested against.
+Each synchronous round: select devices (available now, over-selected), send the downlink
+through its codec, train every selected device with ``local`` (one ``vmap`` call per block of
+devices with similar step counts, or device by device with the ``loop`` backend), encode the
+uplinks, settle who reports before the deadline on the virtual clock, and merge only those.
+Bytes are the encoded payloads' real lengths; seconds and energy come from the Fleet.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from torch.func import vmap
 
+from coevo.codecs import Codec
 from coevo.sim.batching import cohort_batch, steps_per_device
-from coevo.strategies.base import DeviceBatch, Strategy
+from coevo.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coevo.sim.clock import Fleet, settle_round
+from coevo.sim.executor import Backend, Executor, local_executor
+from coevo.sim.wire import init_codec_state, send_down, send_up
+from coevo.strategies.base import Strategy
 from coevo.types import CloudState, DeviceState, Payload
 
-Backend = Literal["vectorized", "loop"]
 RoundHook = Callable[[dict[str, float]], None]
 ProgressHook = Callable[[int, int], None]
+StopHook = Callable[[int, CloudState, DeviceState], bool]
+_WAIT_FOR_DEVICES_S = 900.0
 
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """Final states and per-device traffic of one strategy's run."""
+    """Final states, per-device traffic and the clock of one strategy's run."""
 
     cloud: CloudState
     devices: DeviceState
     bytes_up: torch.Tensor
     bytes_down: torch.Tensor
     train_seconds: float
+    virtual_seconds: float = 0.0
+    rounds: int = 0
 
 
-def wire_bytes(payload: Payload) -> int:
-    """Exact bytes of a payload on the wire; an empty payload is not sent at all."""
-    if not payload.tensors and not payload.metrics:
-        return 0
-    return payload.num_bytes
-
-
-def _run_block(
-    strategy: Strategy, payload: Payload, state: DeviceState, batch: DeviceBatch, backend: Backend
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``local`` for a block of devices: (stacked uplinks, stacked states, stacked metrics)."""
-
-    def one(tensors, inputs, mask):
-        up, new, metrics = strategy.local(payload, DeviceState(tensors), DeviceBatch(inputs, mask))
-        return dict(up.tensors), dict(new.tensors), dict(metrics)
-
-    if backend == "vectorized":
-        return vmap(one)(dict(state.tensors), dict(batch.inputs), batch.mask)
-    outputs = [
-        one(
-            {k: v[i] for k, v in state.tensors.items()},
-            {k: v[i] for k, v in batch.inputs.items()},
-            batch.mask[i],
-        )
-        for i in range(len(batch.mask))
-    ]
-    uplinks, states, metrics = (
-        {k: torch.stack([o[part][k] for o in outputs]) for k in outputs[0][part]}
-        for part in range(3)
-    )
-    return uplinks, states, metrics
-
-
-def select_cohort(
-    num_devices: int, devices_per_round: int | None, rng: torch.Generator
-) -> torch.Tensor:
-    """Uniformly sampled devices of one round, sorted (all of them when ``None``)."""
-    if devices_per_round is None or devices_per_round >= num_devices:
-        return torch.arange(num_devices)
-    return torch.sort(torch.randperm(num_devices, generator=rng)[:devices_per_round]).values
+def select_cohort(candidates: torch.Tensor, size: int | None, rng: torch.Generator) -> torch.Tensor:
+    """``size`` devices drawn uniformly from ``candidates`` (all when ``None``), sorted."""
+    if size is None or size >= len(candidates):
+        return candidates
+    return torch.sort(candidates[torch.randperm(len(candidates), generator=rng)[:size]]).values
 
 
 def simulate(
@@ -89,82 +62,183 @@ def simulate(
     cloud: CloudState | None = None,
     devices_per_round: int | None = None,
     select: Callable[[int], torch.Tensor] | None = None,
+    fleet: Fleet | None = None,
+    over_selection: float = 1.0,
+    deadline_s: float | None = None,
+    uplink_codec: Codec | None = None,
+    downlink_codec: Codec | None = None,
+    stop: StopHook | None = None,
+    checkpoint: str | None = None,
+    executor: Executor | None = None,
 ) -> SimulationResult:
-    """Run ``strategy`` for its rounds.
+    """Run ``strategy`` for its rounds and return the final states and accounting.
 
-    ``cloud`` skips ``init`` and starts from a given cloud state (to tune device-side settings
-    without re-training the cloud). Each round takes ``devices_per_round`` devices sampled
-    uniformly (all when ``None``), or the devices ``select(round)`` returns.
+    Args:
+        cloud: start from this cloud state instead of ``strategy.init``.
+        devices_per_round: devices merged per round (all when ``None``); ``over_selection``
+            times as many are selected, and the fastest ``devices_per_round`` count.
+        select: ``select(round)`` picks the cohort instead (overrides sampling).
+        fleet: device profiles and availability; without one, every device is always
+            available and the virtual clock does not move.
+        deadline_s: devices reporting later than this (virtual seconds) are dropped.
+        stop: called after each round with ``(round, cloud, devices)``; True ends the run.
+        checkpoint: a folder; the run's state is saved there after every round and a run
+            started with the same folder resumes from it, bit for bit.
+        executor: runs the round's blocks (the Ray backend shards them over actors); by
+            default they run in this process with ``backend``.
     """
     task = strategy.task
     num_devices = task.num_devices
+    if fleet is not None and len(fleet) != num_devices:
+        raise ValueError(f"fleet has {len(fleet)} devices, the task {num_devices}")
     started = time.perf_counter()
     cloud = strategy.init(rng) if cloud is None else cloud
     devices = strategy.init_devices(cloud, num_devices)
-    bytes_up = torch.zeros(num_devices, dtype=torch.long)
-    bytes_down = torch.zeros(num_devices, dtype=torch.long)
+    # Drawn before a checkpoint restores the generator, so a resumed run shuffles alike.
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    state = Checkpoint(
+        cloud=cloud,
+        devices=devices,
+        codec_state={},
+        bytes_up=torch.zeros(num_devices, dtype=torch.long),
+        bytes_down=torch.zeros(num_devices, dtype=torch.long),
+        round=0,
+        clock_s=0.0,
+        rng_state=rng.get_state(),
+    )
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, default=state)
+        rng.set_state(state.rng_state)
+    cloud, devices = (
+        state.cloud,
+        DeviceState({k: v.clone() for k, v in state.devices.tensors.items()}),
+    )
+    codec_state, clock_s = dict(state.codec_state), state.clock_s
+    bytes_up, bytes_down = state.bytes_up.clone(), state.bytes_down.clone()
+    rounds_done = state.round
     if strategy.local_period is not None:
         local = strategy.config.local
         rows, offsets = task.device_rows(strategy.local_period)
-        steps = steps_per_device(offsets[1:] - offsets[:-1], local.epochs, local.batch_size)
-        size = block_size if backend == "vectorized" else 1
-        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-        for round in range(strategy.rounds):
-            cohort = (
-                select(round)
-                if select is not None
-                else select_cohort(num_devices, devices_per_round, rng)
-            )
+        counts = offsets[1:] - offsets[:-1]
+        steps = steps_per_device(counts, local.epochs, local.batch_size)
+        flops_per_example = float(getattr(task, "train_flops_per_example", lambda: 0.0)())
+        size = 1 if backend == "loop" else block_size
+        execute = executor if executor is not None else local_executor(backend)
+        target = devices_per_round or num_devices
+        for round in range(rounds_done, strategy.rounds):
+            if select is not None:
+                cohort = select(round)
+            else:
+                available = torch.arange(num_devices)
+                if fleet is not None:
+                    available = torch.nonzero(fleet.availability.available(clock_s)).squeeze(1)
+                    if len(available) == 0:
+                        clock_s += _WAIT_FOR_DEVICES_S
+                        continue
+                wanted = None if devices_per_round is None else math.ceil(target * over_selection)
+                cohort = select_cohort(available, wanted, rng)
+            payload, down_bytes = send_down(downlink_codec, strategy.downlink(cloud, round))
             # Blocks of devices with similar step counts keep padding small.
             by_steps = cohort[torch.argsort(steps[cohort], stable=True)]
             blocks = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
-            payload = strategy.downlink(cloud, round)
-            bytes_down[cohort] += wire_bytes(payload)
-            new_state = {k: v.clone() for k, v in devices.tensors.items()}
-            uplinks: dict[str, list[torch.Tensor]] = {}
-            losses, done = [], 0
-            for block in blocks:
-                batch = cohort_batch(
-                    task,
-                    rows,
-                    offsets,
-                    block,
-                    epochs=local.epochs,
-                    batch_size=local.batch_size,
-                    seed=seed,
-                    round=round,
+            jobs = [
+                (
+                    DeviceState({k: v[block] for k, v in devices.tensors.items()}),
+                    cohort_batch(
+                        task,
+                        rows,
+                        offsets,
+                        block,
+                        epochs=local.epochs,
+                        batch_size=local.batch_size,
+                        seed=seed,
+                        round=round,
+                    ),
                 )
-                state = DeviceState({k: v[block] for k, v in devices.tensors.items()})
-                up, new, metrics = _run_block(strategy, payload, state, batch, backend)
-                for k, v in new.items():
-                    new_state[k][block] = v
+                for block in blocks
+            ]
+            parts: dict[str, list[torch.Tensor]] = {}
+            new_parts: dict[str, list[torch.Tensor]] = {}
+            losses = []
+            for up, new, metrics in execute(strategy, payload, jobs):
                 for k, v in up.items():
-                    uplinks.setdefault(k, []).append(v)
-                if up:
-                    # Fixed shapes give every device the same encoded length.
-                    bytes_up[block] += wire_bytes(Payload({k: v[0] for k, v in up.items()}))
-                losses.append(metrics.get("loss", torch.full((len(block),), float("nan"))))
-                done += len(block)
-                if on_progress is not None:
-                    on_progress(round * len(cohort) + done, strategy.rounds * len(cohort))
-            devices = DeviceState(new_state)
-            weights = (offsets[1:] - offsets[:-1])[by_steps].float()
-            stacked = Payload({k: torch.cat(v) for k, v in uplinks.items()})
-            cloud = strategy.merge(cloud, stacked, weights)
-            if on_round is not None:
-                on_round(
-                    {
-                        "round": round,
-                        "devices": len(cohort),
-                        "loss": float(torch.cat(losses).nanmean()),
-                        "bytes_up": float(bytes_up.sum()),
-                        "bytes_down": float(bytes_down.sum()),
-                    }
+                    parts.setdefault(k, []).append(v)
+                for k, v in new.items():
+                    new_parts.setdefault(k, []).append(v)
+                if "loss" in metrics:
+                    losses.append(metrics["loss"])
+            if on_progress is not None:
+                on_progress(round + 1, strategy.rounds)
+            uplinks = {k: torch.cat(v) for k, v in parts.items()}
+            if uplink_codec is not None and uplinks and not codec_state:
+                codec_state = init_codec_state(
+                    uplink_codec, {k: v[0] for k, v in uplinks.items()}, num_devices
                 )
+            own_codec_state = {k: v[by_steps] for k, v in codec_state.items()}
+            decoded, new_codec_state, up_bytes = send_up(uplink_codec, uplinks, own_codec_state)
+            flops = counts[by_steps].double() * local.epochs * flops_per_example
+            outcome = settle_round(
+                fleet,
+                by_steps,
+                flops,
+                down_bytes,
+                up_bytes,
+                target=target,
+                deadline_s=deadline_s,
+                generator=rng,
+            )
+            bytes_down[by_steps] += down_bytes
+            reporters = by_steps[outcome.reported]
+            bytes_up[reporters] += up_bytes
+            for k, pieces in new_parts.items():
+                devices.tensors[k][reporters] = torch.cat(pieces)[outcome.reported]
+            for k, v in new_codec_state.items():
+                codec_state[k][reporters] = v[outcome.reported]
+            weights = counts[reporters].float()
+            if len(reporters):
+                merged = Payload({k: v[outcome.reported] for k, v in decoded.items()})
+                cloud = strategy.merge(cloud, merged, weights)
+            clock_s += outcome.seconds
+            rounds_done = round + 1
+            if on_round is not None:
+                record = {
+                    "round": round,
+                    "selected": len(cohort),
+                    "reported": len(reporters),
+                    "dropped": int(outcome.dropped.sum()),
+                    "late": int(outcome.late.sum()),
+                    "loss": float(torch.cat(losses).nanmean()) if losses else float("nan"),
+                    "bytes_up": float(up_bytes * len(reporters)),
+                    "bytes_down": float(down_bytes * len(cohort)),
+                    "virtual_seconds": clock_s,
+                    "round_seconds": outcome.seconds,
+                    "device_flops": float(flops.sum()),
+                }
+                if outcome.cost is not None:
+                    record["energy_j"] = float(outcome.cost.energy_j.sum())
+                on_round(record)
+            if checkpoint is not None:
+                save_checkpoint(
+                    checkpoint,
+                    Checkpoint(
+                        cloud,
+                        devices,
+                        codec_state,
+                        bytes_up,
+                        bytes_down,
+                        rounds_done,
+                        clock_s,
+                        rng.get_state(),
+                    ),
+                )
+            if stop is not None and stop(round, cloud, devices):
+                break
     return SimulationResult(
         cloud=cloud,
         devices=devices,
         bytes_up=bytes_up,
         bytes_down=bytes_down,
         train_seconds=time.perf_counter() - started,
+        virtual_seconds=clock_s,
+        rounds=rounds_done,
     )
