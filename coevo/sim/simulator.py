@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from coevo.codecs import Codec
+from coevo.sim.asynchronous import run_async
 from coevo.sim.batching import cohort_batch, steps_per_device
 from coevo.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coevo.sim.clock import Fleet, settle_round
@@ -116,7 +117,20 @@ def simulate(
     codec_state, clock_s = dict(state.codec_state), state.clock_s
     bytes_up, bytes_down = state.bytes_up.clone(), state.bytes_down.clone()
     rounds_done = state.round
-    if strategy.local_period is not None:
+    if strategy.local_period is not None and getattr(strategy, "asynchronous", False):
+        size = 1 if backend == "loop" else block_size
+        cloud, devices, bytes_up, bytes_down, clock_s, rounds_done = run_async(
+            strategy,
+            rng,
+            cloud,
+            devices,
+            fleet=fleet,
+            execute=executor if executor is not None else local_executor(backend),
+            block_size=size,
+            seed=seed,
+            on_round=on_round,
+        )
+    elif strategy.local_period is not None:
         local = strategy.config.local
         rows, offsets = task.device_rows(strategy.local_period)
         counts = offsets[1:] - offsets[:-1]

@@ -8,6 +8,7 @@ from coevo.strategies.fedadagrad import FedAdagrad
 from coevo.strategies.fedadam import FedAdam
 from coevo.strategies.fedavg import FedAvg
 from coevo.strategies.fedavgm import FedAvgM
+from coevo.strategies.fedbuff import FedBuff
 from coevo.strategies.fedprox import FedProx
 from coevo.strategies.fedyogi import FedYogi
 from coevo.strategies.finetune import Finetune
@@ -29,6 +30,7 @@ for _strategy in (
     FedYogi,
     FedAdagrad,
     Scaffold,
+    FedBuff,
 ):
     STRATEGIES.register(_strategy.name)(_strategy)
 
@@ -42,6 +44,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedProx",
     "FedYogi",
     "Finetune",

@@ -150,8 +150,8 @@ def local_train(
 
     Steps whose mask is all padding leave the parameters and the optimiser moments unchanged,
     so devices padded to a common step count train exactly as if alone. With ``anchor``, the
-    loss adds ``l2 / 2 * ||w - anchor||^2`` (regularised fine-tuning, FedProx's proximal
-    term). ``correction`` is added to every gradient (SCAFFOLD's ``c - c_i``).
+    loss adds ``l2 / 2 * ||w - anchor||^2`` over the anchored names (regularised fine-tuning,
+    FedProx's proximal term). ``correction`` is added to every gradient (SCAFFOLD's ``c - c_i``).
 
     Returns the new parameters (all of them) and the mean training loss over real examples.
     """
@@ -162,7 +162,8 @@ def local_train(
         value = loss(model, {**frozen, **w}, inputs, mask)
         reported = value.detach()
         if anchor is not None and l2 > 0:
-            value = value + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in w)
+            pulled = [k for k in w if k in anchor]
+            value = value + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in pulled)
         return value, reported
 
     first = {k: torch.zeros_like(v) for k, v in weights.items()}

@@ -63,6 +63,22 @@ def fit(
     Returns the model with the weights of the best validation score (the last epoch's when
     ``validate`` is None).
     """
+    # Dropout draws from the global generator: fork it, seeded from ``generator``, so that a
+    # fit is reproducible and leaves the caller's global RNG untouched.
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        return _fit(model, split, rows, config, generator, validate, on_epoch)
+
+
+def _fit(
+    model: DeviceModel | CloudModel,
+    split: P1Split,
+    rows: torch.Tensor,
+    config: FitConfig,
+    generator: torch.Generator,
+    validate: Callable[[nn.Module], float] | None,
+    on_epoch: Callable[[int, float, float | None], None] | None,
+) -> DeviceModel | CloudModel:
     inputs, targets = windows(split, rows, config.window)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best_score, best_state, stale = -float("inf"), copy.deepcopy(model.state_dict()), 0

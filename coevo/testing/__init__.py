@@ -1,5 +1,6 @@
 """Test support: fixtures that build small data, shared by coevo's tests and users' plug-ins."""
 
+from coevo.testing.conformance import check_codec, check_strategy
 from coevo.testing.fixtures import make_log, tiny_task
 
-__all__ = ["make_log", "tiny_task"]
+__all__ = ["check_codec", "check_strategy", "make_log", "tiny_task"]

@@ -40,7 +40,9 @@ def test_uplink_bytes_are_the_encoded_length(task):
 def test_error_feedback_state_lives_per_device(task):
     strategy = _fedavg(task, rounds=2)
     a = simulate(strategy, torch.Generator().manual_seed(0), uplink_codec=TopK(0.05))
-    b = simulate(strategy, torch.Generator().manual_seed(0), uplink_codec=TopK(0.05, error_feedback=False))
+    b = simulate(
+        strategy, torch.Generator().manual_seed(0), uplink_codec=TopK(0.05, error_feedback=False)
+    )
     assert not torch.allclose(a.cloud["tower.weight"], b.cloud["tower.weight"])
 
 
@@ -50,11 +52,16 @@ def test_resumed_run_equals_an_uninterrupted_one(task, tmp_path):
     whole = simulate(strategy, torch.Generator().manual_seed(0), **settings)
     folder = tmp_path / "ckpt"
     first = simulate(
-        strategy, torch.Generator().manual_seed(0), checkpoint=str(folder),
-        stop=lambda round, cloud, devices: round == 1, **settings,
+        strategy,
+        torch.Generator().manual_seed(0),
+        checkpoint=str(folder),
+        stop=lambda round, cloud, devices: round == 1,
+        **settings,
     )
     assert first.rounds == 2
-    resumed = simulate(strategy, torch.Generator().manual_seed(0), checkpoint=str(folder), **settings)
+    resumed = simulate(
+        strategy, torch.Generator().manual_seed(0), checkpoint=str(folder), **settings
+    )
     assert resumed.rounds == 4
     for k, v in whole.cloud.tensors.items():
         assert torch.equal(v, resumed.cloud[k]), k
@@ -69,8 +76,11 @@ def test_dropped_devices_never_merge(task):
     start = strategy.init(torch.Generator().manual_seed(0))
     records = []
     everyone_drops = simulate(
-        strategy, torch.Generator().manual_seed(0), cloud=start,
-        fleet=_fleet(task, dropout_rate=1.0), on_round=records.append,
+        strategy,
+        torch.Generator().manual_seed(0),
+        cloud=start,
+        fleet=_fleet(task, dropout_rate=1.0),
+        on_round=records.append,
     )
     assert records[0]["reported"] == 0 and records[0]["dropped"] == task.num_devices
     for k in strategy.shared:
@@ -78,8 +88,12 @@ def test_dropped_devices_never_merge(task):
     assert everyone_drops.bytes_up.sum() == 0 and everyone_drops.bytes_down.sum() > 0
     # a deadline nobody meets drops everyone too, and the round lasts the deadline
     late = simulate(
-        strategy, torch.Generator().manual_seed(0), cloud=start, fleet=_fleet(task),
-        deadline_s=1e-6, on_round=records.append,
+        strategy,
+        torch.Generator().manual_seed(0),
+        cloud=start,
+        fleet=_fleet(task),
+        deadline_s=1e-6,
+        on_round=records.append,
     )
     assert records[1]["late"] == task.num_devices and records[1]["round_seconds"] == 1e-6
     assert torch.equal(late.cloud["tower.weight"], start["tower.weight"])
@@ -89,8 +103,12 @@ def test_over_selection_keeps_the_fastest(task):
     strategy = _fedavg(task, rounds=1)
     records = []
     result = simulate(
-        strategy, torch.Generator().manual_seed(0), fleet=_fleet(task), devices_per_round=6,
-        over_selection=2.0, on_round=records.append,
+        strategy,
+        torch.Generator().manual_seed(0),
+        fleet=_fleet(task),
+        devices_per_round=6,
+        over_selection=2.0,
+        on_round=records.append,
     )
     assert records[0]["selected"] == 12 and records[0]["reported"] == 6
     assert int((result.bytes_up > 0).sum()) == 6
@@ -102,13 +120,21 @@ def test_clock_charges_bytes_and_selection_respects_availability(task):
     strategy = _fedavg(task, rounds=1)
     seconds = []
     for codec in (None, Int8()):
-        result = simulate(strategy, torch.Generator().manual_seed(0), fleet=_fleet(task), uplink_codec=codec)
+        result = simulate(
+            strategy, torch.Generator().manual_seed(0), fleet=_fleet(task), uplink_codec=codec
+        )
         seconds.append(result.virtual_seconds)
     assert seconds[1] < seconds[0]
     night = diurnal_availability(task.num_devices, seed=0, window_h=4.0)
     fleet = Fleet(sample_profiles(task.num_devices, None, 0), night)
     records = []
-    result = simulate(strategy, torch.Generator().manual_seed(0), fleet=fleet, devices_per_round=50, on_round=records.append)
+    result = simulate(
+        strategy,
+        torch.Generator().manual_seed(0),
+        fleet=fleet,
+        devices_per_round=50,
+        on_round=records.append,
+    )
     took_part = torch.nonzero(result.bytes_down).squeeze(1)
     assert 0 < len(took_part) < task.num_devices
     start = records[0]["virtual_seconds"] - records[0]["round_seconds"]

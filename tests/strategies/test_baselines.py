@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from coevo.sim.batching import cohort_batch
-from coevo.sim.simulator import simulate, wire_bytes
+from coevo.sim.simulator import simulate
+from coevo.sim.wire import wire_bytes
 from coevo.strategies import CentralOracle, CloudOnly, DeviceOnly, Finetune, Popularity
 from coevo.strategies.base import DeviceBatch, local_train
 from coevo.testing import tiny_task
