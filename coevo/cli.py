@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +23,8 @@ from coevo.tasks.log import DatasetError, describe
 app = typer.Typer(help="coevo: device-cloud collaborative learning.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: facts and downloads.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+# A pipe or a CI log has no width of its own; tables need about 140 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 DATASETS = ("movielens-100k", "synthetic")
 
 SetOption = Annotated[
@@ -66,10 +68,10 @@ def _execute(config: RunConfig, output: Path | None) -> Path:
     progress = RichProgress(console=console)
     try:
         results = run(config, run_dir, CallbackList([writer, progress]))
-    except DatasetError as error:
+    except (DatasetError, FileExistsError) as error:
         _fail(str(error))
-    except FileExistsError as error:
-        _fail(str(error))
+    except ConfigError as error:
+        _fail(f"invalid configuration\n{error}")
     rows = aggregate(results)
     console.print(rich_table(rows, ["note", *MAIN_METRICS], title=f"{config.name} (test, P1)"))
     console.print(f"run folder: [bold]{run_dir}[/] (report.md, rounds.jsonl, devices.csv)")

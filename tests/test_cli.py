@@ -88,3 +88,40 @@ def test_data_info_on_the_synthetic_world():
     result = runner.invoke(app, ["data", "info", "synthetic"])
     assert result.exit_code == 0, result.output
     assert "1,000" in result.output and "per_device_median" in result.output
+
+
+def test_federated_run_with_fleet_codecs_and_early_stopping(tmp_path):
+    config = {
+        **TINY,
+        "simulation": {
+            "devices_per_round": 10,
+            "over_selection": 1.5,
+            "fleet": {"availability": "always", "dropout_rate": 0.1},
+            "uplink_codecs": [{"name": "topk", "fraction": 0.2}, {"name": "int8"}],
+            "early_stopping": {"every": 1, "patience": 1},
+        },
+        "strategies": [{"name": "fedavg", "rounds": 30, "local": {"epochs": 1, "lr": 0.5, "optimizer": "sgd"}}],
+    }
+    path = tmp_path / "fl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    training = [r for r in rounds if r.get("phase") != "evaluate"]
+    assert 2 <= len(training) < 30  # early stopping ended the run
+    assert all(r["selected"] == 15 and r["reported"] <= 10 for r in training)
+    times = [r["virtual_seconds"] for r in training]
+    assert times == sorted(times) and times[0] > 0
+    assert all(r["energy_j"] > 0 and r["device_flops"] > 0 for r in training)
+
+
+def test_bad_simulation_settings_name_the_field(config_file):
+    bad = runner.invoke(
+        app, ["validate", str(config_file), "--set", "simulation.uplink_codecs=[{name: zip}]"]
+    )
+    assert bad.exit_code == 2 and "simulation.uplink_codecs.0.name" in bad.output
+    mix = runner.invoke(
+        app, ["run", str(config_file), "--set", "simulation.fleet={mix: {toaster: 1.0}}"]
+    )
+    assert mix.exit_code == 2 and "simulation.fleet.mix" in mix.output and "toaster" in mix.output

@@ -11,22 +11,30 @@ from coevo.config.loading import (
 from coevo.config.registry import Registry, UnknownNameError
 from coevo.config.schema import (
     CloudModelConfig,
+    CodecSpec,
     DataConfig,
     DeviceModelConfig,
+    EarlyStoppingConfig,
+    FleetConfig,
     ModelsConfig,
     ProtocolConfig,
     RunConfig,
+    SimulationConfig,
 )
 
 __all__ = [
     "CloudModelConfig",
+    "CodecSpec",
     "ConfigError",
     "DataConfig",
     "DeviceModelConfig",
+    "EarlyStoppingConfig",
+    "FleetConfig",
     "ModelsConfig",
     "ProtocolConfig",
     "Registry",
     "RunConfig",
+    "SimulationConfig",
     "UnknownNameError",
     "apply_overrides",
     "dump_config",

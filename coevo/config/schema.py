@@ -63,6 +63,75 @@ class ModelsConfig(BaseModel):
     cloud: CloudModelConfig = CloudModelConfig()
 
 
+class CodecSpec(BaseModel):
+    """One codec of a chain, by name: fp16, int8 (per_channel), topk (fraction, error_feedback)."""
+
+    model_config = _FROZEN
+    name: Literal["fp16", "int8", "topk"]
+    # int8 only: one scale per output channel (more accurate, a few more bytes).
+    per_channel: bool = False
+    # topk only: share of entries sent per tensor.
+    fraction: float = Field(0.1, gt=0, le=1)
+    # topk only: carry what was not sent into the next round (per-device state).
+    error_feedback: bool = True
+
+
+class FleetConfig(BaseModel):
+    model_config = _FROZEN
+    # Tier shares (low_end_phone, mid_phone, flagship_phone, iot_camera, car, laptop); null
+    # uses the default mix.
+    mix: dict[str, float] | None = None
+    # A CSV trace of real devices instead of a sampled mix (columns in coevo/fleet/profiles.py).
+    trace: str | None = None
+    # always: every device every round; diurnal: a nightly window in the device's time zone.
+    availability: Literal["always", "diurnal"] = "always"
+    # Hours per day a device is idle, charging and on Wi-Fi (diurnal only).
+    window_h: float = Field(8.0, gt=0, le=24)
+    # Chance a device that started a round drops out before reporting.
+    dropout_rate: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("mix")
+    @classmethod
+    def _known_tiers(cls, mix: dict[str, float] | None) -> dict[str, float] | None:
+        from coevo.fleet import TIERS
+
+        for tier, weight in (mix or {}).items():
+            if tier not in TIERS:
+                raise ValueError(f"unknown tier {tier!r}; choose from {', '.join(sorted(TIERS))}")
+            if weight < 0:
+                raise ValueError(f"tier {tier!r} has a negative share {weight}")
+        return mix
+
+
+class EarlyStoppingConfig(BaseModel):
+    model_config = _FROZEN
+    # Rounds between validation checks (HR@10 on the validation targets).
+    every: int = Field(5, ge=1)
+    # Checks without improvement before the run stops.
+    patience: int = Field(3, ge=1)
+
+
+class SimulationConfig(BaseModel):
+    model_config = _FROZEN
+    # vectorized: one vmapped call per block of devices; loop: one device at a time (reference).
+    backend: Literal["vectorized", "loop"] = "vectorized"
+    # Devices per vectorised block: larger is faster until memory runs short.
+    block_size: int = Field(128, ge=1, le=1_000_000)
+    # Devices merged per round (null: all); fewer is cheaper per round, noisier.
+    devices_per_round: int | None = Field(None, ge=1)
+    # Select this many times devices_per_round and keep the fastest (stragglers dropped).
+    over_selection: float = Field(1.0, ge=1.0, le=10.0)
+    # Virtual seconds after which a device's report is discarded (null: wait for all).
+    deadline_s: float | None = Field(None, gt=0)
+    # Simulated hardware, networks and availability (null: instant, always available).
+    fleet: FleetConfig | None = None
+    # Codecs applied in order to each device's uplink, and to the downlink.
+    uplink_codecs: list[CodecSpec] = Field(default_factory=list)
+    downlink_codecs: list[CodecSpec] = Field(default_factory=list)
+    # Stop federated training when validation stops improving (null: run every round).
+    early_stopping: EarlyStoppingConfig | None = None
+
+
 class RunConfig(BaseModel):
     """One experiment: data, protocol, models, the strategies to compare and the seeds."""
 
@@ -85,10 +154,7 @@ class RunConfig(BaseModel):
         ],
         min_length=1,
     )
-    # vectorized: one vmapped call per block of devices; loop: one device at a time (reference).
-    backend: Literal["vectorized", "loop"] = "vectorized"
-    # Devices per vectorised block: larger is faster until memory runs short.
-    block_size: int = Field(128, ge=1, le=1_000_000)
+    simulation: SimulationConfig = SimulationConfig()
     # Where run folders are created.
     output_dir: str = "runs"
     # Torch threads; 1 avoids oversubscription on small machines.

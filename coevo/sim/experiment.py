@@ -6,6 +6,7 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from pydantic import BaseModel
 
 from coevo.config import ConfigError, RunConfig, parse
 from coevo.report import Callback, RunInfo, StrategyResult, to_plain
+from coevo.sim.setup import EarlyStopping, build_codec, build_fleet
 from coevo.sim.simulator import SimulationResult, simulate
 from coevo.sim.wire import wire_bytes
 from coevo.strategies import STRATEGIES, Strategy
@@ -21,6 +23,7 @@ from coevo.tasks.movielens import load_movielens_100k
 from coevo.tasks.protocol import split_p1
 from coevo.tasks.recommendation import ModelShapes, RecommendationTask
 from coevo.tasks.synthetic import make_world
+from coevo.types import CloudState, DeviceState
 
 
 def load_log(config: RunConfig, seed: int) -> InteractionLog:
@@ -68,6 +71,34 @@ def strategy_configs(
     if problems:
         raise ConfigError(problems)
     return built
+
+
+def simulation_options(
+    config: RunConfig, task: RecommendationTask, strategy: Strategy, seed: int
+) -> dict[str, Any]:
+    """Keyword arguments of ``simulate`` that the config's ``simulation`` section sets."""
+    sim = config.simulation
+    options: dict[str, Any] = {
+        "backend": sim.backend,
+        "block_size": sim.block_size,
+        "devices_per_round": sim.devices_per_round,
+        "over_selection": sim.over_selection,
+        "deadline_s": sim.deadline_s,
+        "fleet": build_fleet(sim.fleet, task.num_devices, seed),
+        "uplink_codec": build_codec(sim.uplink_codecs),
+        "downlink_codec": build_codec(sim.downlink_codecs),
+    }
+    if sim.early_stopping is not None and strategy.rounds > 1:
+
+        def validate(cloud: CloudState, devices: DeviceState) -> float:
+            def scorer(block, history, candidates):
+                state = DeviceState({k: v[block] for k, v in devices.tensors.items()})
+                return strategy.score(cloud, state, history, candidates)
+
+            return task.evaluate(scorer, "val", full_ranking=False, seed=seed)[1]["hr@10"]
+
+        options["stop"] = EarlyStopping(validate, sim.early_stopping)
+    return options
 
 
 def build_task(log: InteractionLog, config: RunConfig, seed: int) -> RecommendationTask:
@@ -156,10 +187,9 @@ def run(
             sim = simulate(
                 strategy,
                 rng,
-                backend=config.backend,
-                block_size=config.block_size,
                 on_round=record,
                 on_progress=progress,
+                **simulation_options(config, task, strategy, seed),
             )
 
             def scorer(devices, history, candidates, sim=sim, strategy=strategy):

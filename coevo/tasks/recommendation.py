@@ -48,6 +48,7 @@ class RecommendationTask:
         self.log = log
         self.split = split
         self.shapes = shapes
+        self._train_flops: float | None = None
 
     @property
     def num_devices(self) -> int:
@@ -94,6 +95,15 @@ class RecommendationTask:
                 "flops_per_prediction": float(flops_per_request(model, length)),
             }
         return facts
+
+    def train_flops_per_example(self) -> float:
+        """FLOPs of one device-model training example: forward over the catalogue, x3 with
+        the backward pass (the usual estimate for dense layers)."""
+        if self._train_flops is None:
+            model = self.device_model()
+            forward = flops_per_request(model, self.shapes.device_history, self.num_items)
+            self._train_flops = 3.0 * forward
+        return self._train_flops
 
     def rows(self, period: Period) -> torch.Tensor:
         return self.split.rows(period)
