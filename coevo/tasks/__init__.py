@@ -1,5 +1,6 @@
 """Tasks: datasets, evaluation protocols, model builders and metrics."""
 
+from coevo.tasks.ctr import CTRModel, RatingCTRTask
 from coevo.tasks.log import DatasetError, InteractionLog, describe
 from coevo.tasks.metrics import (
     activity_groups,
@@ -20,6 +21,7 @@ from coevo.tasks.synthetic import SyntheticConfig, make_world, true_scores
 
 __all__ = [
     "GROUPLENS_URL",
+    "CTRModel",
     "CloudModel",
     "DatasetError",
     "DeviceModel",
@@ -27,6 +29,7 @@ __all__ = [
     "ModelShapes",
     "P1Split",
     "P2Split",
+    "RatingCTRTask",
     "RecommendationTask",
     "SyntheticConfig",
     "activity_groups",

@@ -62,9 +62,16 @@ class RatingCTRTask:
     ``[num_devices + 1]``, device ``d`` owning ``rows[offsets[d]:offsets[d + 1]]``.
 
     Example:
-        >>> task = RatingCTRTask.from_log(log)  # doctest: +SKIP
-        >>> rows, offsets = task.device_rows("device")  # doctest: +SKIP
-        >>> task.evaluate(dict(task.device_model().named_parameters()))["auc"]  # doctest: +SKIP
+        >>> import dataclasses, numpy as np
+        >>> from coevo.testing import make_log
+        >>> log = make_log({0: [1, 2, 3, 4, 5], 1: [0, 2]}, 6, ratings={0: [5, 1, 4, 2, 3]})
+        >>> log = dataclasses.replace(
+        ...     log, user_features=np.eye(2, 30, dtype=np.float32),
+        ...     item_features=np.zeros((6, 19), np.float32))
+        >>> task = RatingCTRTask.from_log(log)
+        >>> rows, offsets = task.device_rows("device")
+        >>> offsets.tolist(), task.gather(rows)["label"].tolist()
+        ([0, 4, 5], [1.0, 0.0, 1.0, 0.0, 1.0])
     """
 
     def __init__(
@@ -136,6 +143,14 @@ class RatingCTRTask:
 
     def device_model(self) -> CTRModel:
         return CTRModel(self.num_items, self.num_side)
+
+    def train_flops_per_example(self) -> float:
+        """FLOPs of one training row: the two linear layers forward, x3 with the backward."""
+        model = self.device_model()
+        forward = sum(
+            2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
+        )
+        return 3.0 * forward
 
     def device_rows(self, period: Period) -> tuple[torch.Tensor, torch.Tensor]:
         """Each device's training rows: ``(rows, offsets [num_devices + 1])``.
