@@ -52,6 +52,15 @@ def select_cohort(candidates: torch.Tensor, size: int | None, rng: torch.Generat
     return torch.sort(candidates[torch.randperm(len(candidates), generator=rng)[:size]]).values
 
 
+def _executor(backend: Backend) -> Executor:
+    if backend == "ray":
+        from coevo.sim.ray_backend import RayExecutor
+
+        # Ray shuts down with the process; long-lived users pass their own executor.
+        return RayExecutor()
+    return local_executor(backend)
+
+
 def simulate(
     strategy: Strategy,
     rng: torch.Generator,
@@ -125,7 +134,7 @@ def simulate(
             cloud,
             devices,
             fleet=fleet,
-            execute=executor if executor is not None else local_executor(backend),
+            execute=executor if executor is not None else _executor(backend),
             block_size=size,
             seed=seed,
             on_round=on_round,
@@ -137,7 +146,7 @@ def simulate(
         steps = steps_per_device(counts, local.epochs, local.batch_size)
         flops_per_example = float(getattr(task, "train_flops_per_example", lambda: 0.0)())
         size = 1 if backend == "loop" else block_size
-        execute = executor if executor is not None else local_executor(backend)
+        execute = executor if executor is not None else _executor(backend)
         target = devices_per_round or num_devices
         for round in range(rounds_done, strategy.rounds):
             if select is not None:
