@@ -9,6 +9,12 @@
 3. A mean ± std table, then the headline line.
 
     python benchmarks/baselines_ml100k.py --data-dir ../shared/data [--seeds 5]
+
+Seeds can run in parallel processes and be reported together:
+
+    python benchmarks/baselines_ml100k.py --seed-list 0,2,4 --threads 1 --output runs/a &
+    python benchmarks/baselines_ml100k.py --seed-list 1,3 --threads 1 --output runs/b
+    python benchmarks/baselines_ml100k.py --report runs/a runs/b
 """
 
 from __future__ import annotations
@@ -17,12 +23,21 @@ import argparse
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from coevo.config import RunConfig, apply_overrides, load_yaml, parse
-from coevo.report import CallbackList, RichProgress, RunWriter, aggregate, format_mean_std
+from coevo.report import (
+    CallbackList,
+    RichProgress,
+    RunWriter,
+    StrategyResult,
+    aggregate,
+    format_mean_std,
+    load_results,
+)
 from coevo.sim.experiment import build_task, load_log, run, run_dir_for, strategy_configs
 from coevo.sim.simulator import simulate
 from coevo.strategies import STRATEGIES
@@ -86,11 +101,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tune", action="store_true", help="choose device-side settings first")
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds (else 0..seeds-1)")
+    parser.add_argument("--report", nargs="+", type=Path, help="only report these run folders")
     args = parser.parse_args()
     console = Console(width=160)
+    if args.report:
+        results = [r for folder in args.report for r in load_strategy_results(folder)]
+        report(results, console)
+        return
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     data = apply_overrides(
         load_yaml(CONFIG),
-        [f"seeds={list(range(args.seeds))}", f"threads={args.threads}"]
+        [f"seeds={list(seeds)}", f"threads={args.threads}"]
         + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []),
     )
     config = parse(RunConfig, data, source=str(CONFIG))
@@ -102,8 +124,31 @@ def main() -> None:
     results = run(
         config, run_dir, CallbackList([RunWriter(title=config.name), RichProgress(console=console)])
     )
+    console.print(f"run folder: {run_dir}; strategies: {config.strategies}")
+    report(results, console)
+
+
+def load_strategy_results(folder: Path) -> list[StrategyResult]:
+    """StrategyResults (metrics and cost only) from a run folder's results.json."""
+    return [
+        StrategyResult(
+            strategy=r["strategy"],
+            seed=r["seed"],
+            metrics=r["metrics"],
+            per_device={},
+            group=np.zeros(0, dtype=np.int64),
+            cost=r["cost"],
+            note=r.get("note", ""),
+        )
+        for r in load_results(folder)
+    ]
+
+
+def report(results: list[StrategyResult], console: Console) -> None:
+    """The mean ± std table over seeds, then the headline line."""
     rows = aggregate(results)
-    table = Table(title=f"Baselines on MovieLens-100K, P1, {args.seeds} seeds (test, mean ± std)")
+    seeds = sorted({r.seed for r in results})
+    table = Table(title=f"Baselines on MovieLens-100K, P1, seeds {seeds} (test, mean ± std)")
     table.add_column("strategy")
     for column in COLUMNS:
         table.add_column(column, justify="right")
@@ -112,7 +157,6 @@ def main() -> None:
         cells = [format_mean_std(row["mean"][c], row["std"][c], n_seeds=n) for c in COLUMNS]
         table.add_row(row["strategy"], *cells)
     console.print(table)
-    console.print(f"run folder: {run_dir}; tuned strategies: {config.strategies}")
     hr10 = {row["strategy"]: row["mean"]["hr@10"] for row in rows}
     print(
         "baselines_ml100k: "
