@@ -191,15 +191,17 @@ class RunWriter(Callback):
     ) -> str:
         seen_metrics = dict.fromkeys(key for result in results for key in result.metrics)
         other_metrics = [key for key in seen_metrics if key not in MAIN_METRICS + GROUP_METRICS]
-        cost_keys = [*COST_KEYS]
-        cost_keys += [key for result in results for key in result.cost if key not in cost_keys]
+        cost_keys = list(dict.fromkeys([*COST_KEYS, *(k for r in results for k in r.cost)]))
         note = ["note"] if any(row["note"] for row in rows) else []
         seeds = sorted({result.seed for result in results})
         title = self.title or f"coevo run {self.run_dir.name}"
         parts = [f"# {title}\n\n"]
         parts += ["## Data\n\n", "| fact | value |\n|---|---|\n"]
         parts += [f"| {_fact(key)} | {_fact(value)} |\n" for key, value in run.dataset.items()]
-        parts += ["\n## Models\n\n", "| model | params | FLOPs per prediction |\n|---|---:|---:|\n"]
+        parts += [
+            "\n## Models\n\n",
+            "| model | params | FLOPs per request (one user, 100 candidates) |\n|---|---:|---:|\n",
+        ]
         for name, facts in run.models.items():
             params = format_count(facts["params"]) if "params" in facts else MISSING
             flops = facts.get("flops_per_prediction")
