@@ -100,7 +100,9 @@ def test_federated_run_with_fleet_codecs_and_early_stopping(tmp_path):
             "uplink_codecs": [{"name": "topk", "fraction": 0.2}, {"name": "int8"}],
             "early_stopping": {"every": 1, "patience": 1},
         },
-        "strategies": [{"name": "fedavg", "rounds": 30, "local": {"epochs": 1, "lr": 0.5, "optimizer": "sgd"}}],
+        "strategies": [
+            {"name": "fedavg", "rounds": 30, "local": {"epochs": 1, "lr": 0.5, "optimizer": "sgd"}}
+        ],
     }
     path = tmp_path / "fl.yaml"
     path.write_text(yaml.safe_dump(config))

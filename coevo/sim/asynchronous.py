@@ -34,6 +34,7 @@ def run_async(
     block_size: int,
     seed: int,
     on_round: Any = None,
+    stop: Any = None,
 ) -> tuple[CloudState, DeviceState, torch.Tensor, torch.Tensor, float, int]:
     """Run ``strategy.rounds`` buffered merges; returns states, bytes, clock and merges."""
     task = strategy.task
@@ -49,6 +50,7 @@ def run_async(
     events: list[tuple[float, int, int, dict[str, Any]]] = []
     clock_s, version, launched = 0.0, 0, 0
     buffer: list[dict[str, Any]] = []
+    stopped = False
 
     def launch(slots: int) -> None:
         nonlocal launched
@@ -74,7 +76,7 @@ def run_async(
                 seed=seed,
                 round=launched,
             )
-            results.append((block, *execute(strategy, payload, [(state, batch)])[0]))
+            results.append((block, *next(iter(execute(strategy, payload, [(state, batch)])))))
         launched += 1
         for block, up, new, _ in results:
             _, _, up_bytes = send_up(None, up, {})
@@ -102,7 +104,7 @@ def run_async(
                 heapq.heappush(events, (float(finish[i]), device, len(events) + launched, item))
 
     def arrive(device: int, item: dict[str, Any]) -> None:
-        nonlocal cloud, version, buffer
+        nonlocal cloud, version, buffer, stopped
         bytes_up[device] += item["bytes"]
         for k, v in item["personal"].items():
             devices.tensors[k][device] = v
@@ -110,11 +112,18 @@ def run_async(
         if len(buffer) < config.buffer_size:
             return
         staleness = torch.tensor([version - b["version"] for b in buffer])
-        discount = strategy.staleness_weight(staleness)
-        weights = counts[[b["device"] for b in buffer]].double() * discount
+        # The discount scales each update itself (Nguyen et al., Algorithm 1), so a buffer of
+        # equally stale updates moves the model less; row counts only weight the average.
+        discount = strategy.staleness_weight(staleness).float()
+        weights = counts[[b["device"] for b in buffer]].float()
         names = buffer[0]["update"]
-        stacked = Payload({k: torch.stack([b["update"][k] for b in buffer]) for k in names})
-        cloud = strategy.merge(cloud, stacked, weights.float())
+        stacked = Payload(
+            {
+                k: torch.stack([b["update"][k] * d for b, d in zip(buffer, discount, strict=True)])
+                for k in names
+            }
+        )
+        cloud = strategy.merge(cloud, stacked, weights)
         version += 1
         if on_round is not None:
             on_round(
@@ -128,12 +137,14 @@ def run_async(
                 }
             )
         buffer = []
+        if stop is not None and stop(version - 1, cloud, devices):
+            stopped = True
 
     # A fleet that never delivers (every device drops out) must not spin forever: stop after
     # ten times the launches a run without failures would need.
     budget = 10 * strategy.rounds * (config.concurrency // config.buffer_size + 1) + 10
     launch(config.concurrency)
-    while version < strategy.rounds and events and launched <= budget:
+    while version < strategy.rounds and events and launched <= budget and not stopped:
         clock_s, device, _, item = heapq.heappop(events)
         busy[device] = False
         if not item["dropped"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -14,8 +14,9 @@ from coevo.types import DeviceState, Payload
 Backend = Literal["vectorized", "loop", "ray"]
 Stacked = dict[str, torch.Tensor]
 Job = tuple[DeviceState, DeviceBatch]
-Executor = Callable[[Strategy, Payload, Sequence[Job]], list[tuple[Stacked, Stacked, Stacked]]]
-"""``executor(strategy, payload, jobs)``: ``run_block`` for every (state, batch) job, in order."""
+Executor = Callable[[Strategy, Payload, Sequence[Job]], Iterable[tuple[Stacked, Stacked, Stacked]]]
+"""``executor(strategy, payload, jobs)``: ``run_block`` for every (state, batch) job, in order
+(an iterable, so that a local executor can hand results over one block at a time)."""
 
 
 def run_block(
@@ -64,6 +65,7 @@ def local_executor(backend: Backend) -> Executor:
         raise ValueError("backend 'ray' needs a RayExecutor (coevo.sim.ray_backend)")
 
     def execute(strategy: Strategy, payload: Payload, jobs: Sequence[Job]):
-        return [run_block(strategy, payload, state, batch, backend) for state, batch in jobs]
+        for state, batch in jobs:
+            yield run_block(strategy, payload, state, batch, backend)
 
     return execute

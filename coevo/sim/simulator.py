@@ -121,7 +121,7 @@ def simulate(
         rng.set_state(state.rng_state)
     cloud, devices = (
         state.cloud,
-        DeviceState({k: v.clone() for k, v in state.devices.tensors.items()}),
+        state.devices,
     )
     codec_state, clock_s = dict(state.codec_state), state.clock_s
     bytes_up, bytes_down = state.bytes_up.clone(), state.bytes_down.clone()
@@ -138,6 +138,7 @@ def simulate(
             block_size=size,
             seed=seed,
             on_round=on_round,
+            stop=stop,
         )
     elif strategy.local_period is not None:
         local = strategy.config.local
@@ -180,19 +181,27 @@ def simulate(
                 )
                 for block in blocks
             ]
-            parts: dict[str, list[torch.Tensor]] = {}
+            # Uplinks go straight into one preallocated [cohort, ...] tensor per name: a
+            # 10,000-device cohort of dense updates is gigabytes, so no second copy is made.
+            uplinks: dict[str, torch.Tensor] = {}
             new_parts: dict[str, list[torch.Tensor]] = {}
-            losses = []
-            for up, new, metrics in execute(strategy, payload, jobs):
+            losses, filled = [], 0
+            for (_, job_batch), (up, new, metrics) in zip(
+                jobs, execute(strategy, payload, jobs), strict=True
+            ):
+                size_block = len(job_batch.mask)
                 for k, v in up.items():
-                    parts.setdefault(k, []).append(v)
+                    if k not in uplinks:
+                        uplinks[k] = torch.empty((len(by_steps), *v.shape[1:]), dtype=v.dtype)
+                    uplinks[k][filled : filled + len(v)] = v
+                filled += size_block
                 for k, v in new.items():
                     new_parts.setdefault(k, []).append(v)
                 if "loss" in metrics:
                     losses.append(metrics["loss"])
+                del up
             if on_progress is not None:
                 on_progress(round + 1, strategy.rounds)
-            uplinks = {k: torch.cat(v) for k, v in parts.items()}
             if uplink_codec is not None and uplinks and not codec_state:
                 codec_state = init_codec_state(
                     uplink_codec, {k: v[0] for k, v in uplinks.items()}, num_devices
@@ -219,8 +228,11 @@ def simulate(
                 codec_state[k][reporters] = v[outcome.reported]
             weights = counts[reporters].float()
             if len(reporters):
-                merged = Payload({k: v[outcome.reported] for k, v in decoded.items()})
-                cloud = strategy.merge(cloud, merged, weights)
+                everyone = bool(outcome.reported.all())
+                merged = {k: v if everyone else v[outcome.reported] for k, v in decoded.items()}
+                cloud = strategy.merge(cloud, Payload(merged), weights)
+                del merged
+            del uplinks, decoded
             clock_s += outcome.seconds
             rounds_done = round + 1
             if on_round is not None:

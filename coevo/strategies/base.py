@@ -92,7 +92,11 @@ class Strategy(ABC):
         """Initial cloud state (may include centralised training on cloud-period data)."""
 
     def init_devices(self, cloud: CloudState, num_devices: int) -> DeviceState:
-        """Stacked initial private state ``[num_devices, ...]`` of every device."""
+        """Stacked initial private state ``[num_devices, ...]`` of every device.
+
+        The tensors must be fresh (not views of the cloud state): the simulator writes each
+        round's new rows into them in place.
+        """
         return DeviceState()
 
     def downlink(self, cloud: CloudState, round: int) -> Payload:

@@ -73,3 +73,24 @@ def test_dropped_devices_never_reach_the_buffer(task):
     )
     assert result.rounds == 0 and result.bytes_up.sum() == 0
     assert torch.equal(result.cloud["tower.weight"], start["tower.weight"])
+
+
+def test_stale_updates_move_the_model_less(task):
+    start = _fedbuff(task).init(torch.Generator().manual_seed(0))
+    moved = []
+    for exponent in (0.0, 5.0):
+        strategy = _fedbuff(task, staleness_exponent=exponent)
+        result = simulate(strategy, torch.Generator().manual_seed(0), cloud=start, fleet=_fleet(task))
+        moved.append(float((result.cloud["tower.weight"] - start["tower.weight"]).norm()))
+    assert moved[1] < moved[0]
+
+
+def test_stop_hook_ends_an_asynchronous_run(task):
+    calls = []
+
+    def stop(round, cloud, devices):
+        calls.append(round)
+        return round == 1
+
+    result = simulate(_fedbuff(task), torch.Generator().manual_seed(0), fleet=_fleet(task), stop=stop)
+    assert result.rounds == 2 and calls == [0, 1]
