@@ -80,7 +80,9 @@ def test_stale_updates_move_the_model_less(task):
     moved = []
     for exponent in (0.0, 5.0):
         strategy = _fedbuff(task, staleness_exponent=exponent)
-        result = simulate(strategy, torch.Generator().manual_seed(0), cloud=start, fleet=_fleet(task))
+        result = simulate(
+            strategy, torch.Generator().manual_seed(0), cloud=start, fleet=_fleet(task)
+        )
         moved.append(float((result.cloud["tower.weight"] - start["tower.weight"]).norm()))
     assert moved[1] < moved[0]
 
@@ -92,5 +94,7 @@ def test_stop_hook_ends_an_asynchronous_run(task):
         calls.append(round)
         return round == 1
 
-    result = simulate(_fedbuff(task), torch.Generator().manual_seed(0), fleet=_fleet(task), stop=stop)
+    result = simulate(
+        _fedbuff(task), torch.Generator().manual_seed(0), fleet=_fleet(task), stop=stop
+    )
     assert result.rounds == 2 and calls == [0, 1]
