@@ -114,9 +114,9 @@ DEMO: dict[str, Any] = {
     "strategies": [
         {"name": "popularity"},
         {"name": "device_only"},
-        {"name": "cloud_only", "train": {"epochs": 24}},
-        {"name": "finetune", "pretrain": {"epochs": 24}},
-        {"name": "central_oracle", "train": {"epochs": 24}},
+        {"name": "cloud_only", "train": {"epochs": 40}},
+        {"name": "finetune", "pretrain": {"epochs": 40}},
+        {"name": "central_oracle", "train": {"epochs": 40}},
     ],
 }
 
