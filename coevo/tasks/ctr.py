@@ -8,7 +8,6 @@ the item's genre flags. Evaluation reports global test AUC and per-user AUC.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from coevo.tasks.log import InteractionLog
-from coevo.tasks.metrics import ctr_metrics
+from coevo.tasks.metrics import auc_per_group, ctr_metrics
 from coevo.tasks.protocol import Period
 
 TRAIN_SHARE_NUMERATOR, TRAIN_SHARE_DENOMINATOR = 4, 5
@@ -210,14 +209,9 @@ def per_user_auc(labels: torch.Tensor, logits: torch.Tensor, offsets: torch.Tens
     Returns:
         float64 ``[len(offsets) - 1]``.
     """
-    result = torch.full((len(offsets) - 1,), float("nan"), dtype=torch.float64)
-    bounds = offsets.tolist()
-    for user, (start, end) in enumerate(itertools.pairwise(bounds)):
-        positive = labels[start:end] == 1
-        if positive.all() or not positive.any():
-            continue
-        score = logits[start:end].to(torch.float64)
-        pos, neg = score[positive][:, None], score[~positive][None, :]
-        wins = (pos > neg).to(torch.float64) + 0.5 * (pos == neg).to(torch.float64)
-        result[user] = wins.mean()
+    counts = offsets[1:] - offsets[:-1]
+    user = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    auc, _, _ = auc_per_group(user, logits.to(torch.float64), labels == 1)
+    result = torch.full((len(counts),), float("nan"), dtype=torch.float64)
+    result[: len(auc)] = auc
     return result

@@ -167,9 +167,10 @@ def full_ranking_metrics(
     }
 
 
-def _auc_per_group(
+def auc_per_group(
     group: Tensor, score: Tensor, is_positive: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each group's AUC (NaN for a one-class group), positives and negatives; groups dense."""
     # One sort by (group, score) gives every row its rank within its group, tied scores sharing
     # their average rank, so each group's Mann–Whitney AUC counts ties half. Groups are dense.
     order = torch.sort(score, stable=True).indices
@@ -221,8 +222,8 @@ def ctr_metrics(labels: Tensor, logits: Tensor, user: Tensor) -> dict[str, float
         raise ValueError("labels must be 0 or 1 and logits must not be NaN")
     is_positive = label == 1
     _, user_index = torch.unique(user, return_inverse=True)
-    global_auc, _, _ = _auc_per_group(torch.zeros_like(user_index), logit, is_positive)
-    user_auc, positives, negatives = _auc_per_group(user_index, logit, is_positive)
+    global_auc, _, _ = auc_per_group(torch.zeros_like(user_index), logit, is_positive)
+    user_auc, positives, negatives = auc_per_group(user_index, logit, is_positive)
     counted = (positives > 0) & (negatives > 0)
     weights = (positives + negatives)[counted]
     # With no user counted this is 0 / 0 = NaN, the documented value.

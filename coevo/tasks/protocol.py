@@ -151,11 +151,11 @@ def _sample_negatives(
         keys = rng.random((len(chunk), log.num_items), dtype=np.float32)
         lo = np.searchsorted(rated_keys, chunk * log.num_items)
         hi = np.searchsorted(rated_keys, (chunk + 1) * log.num_items)
-        rows = np.repeat(np.arange(len(chunk)), hi - lo)
-        cols = (
-            rated_keys[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=False)])]
-            % log.num_items
-        )
+        counts = hi - lo
+        rows = np.repeat(np.arange(len(chunk)), counts)
+        # Each user's rated keys are the contiguous run rated_keys[lo:hi].
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        cols = rated_keys[np.repeat(lo, counts) + within] % log.num_items
         keys[rows, cols] = -1.0
         out[start : start + len(chunk)] = np.argpartition(-keys, num_negatives - 1, axis=1)[
             :, :num_negatives
