@@ -192,3 +192,283 @@ def data_download(
     console.print(
         f"MovieLens-100K verified in {folder}; use --data-dir {folder} or COEVO_DATA={folder}"
     )
+
+
+@app.command("export")
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder (its config.yaml is read) or an experiment YAML: it names the "
+            "dataset and the device model's size."
+        ),
+    ],
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="safetensors with the device model's parameters (bare names, or a simulation "
+            "checkpoint's cloud/ group). Default: the run folder's simulation.safetensors or "
+            "model.safetensors when present, else the model is pretrained on cloud-period data "
+            "as the finetune strategy does and saved as model.safetensors.",
+        ),
+    ] = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder to write into (default: the run folder)."),
+    ] = None,
+) -> None:
+    """Export the device model to model.onnx (fp32) and model.int8.onnx; print sizes and parity.
+
+    Parity is the largest absolute score difference against PyTorch on the P1 test requests.
+    """
+    from coevo.export import ExportError, parity, quantize_int8, to_onnx
+
+    run_folder = source if source.is_dir() else None
+    config_path = source / "config.yaml" if run_folder else source
+    if not config_path.is_file():
+        _fail(f"SOURCE: {config_path} not found; give a run folder or an experiment YAML")
+    overrides = list(set_ or []) + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    config = _load(config_path, overrides)
+    seed = config.seeds[0]
+    try:
+        from coevo.sim.experiment import build_task, load_log
+
+        task = build_task(load_log(config, seed), config, seed)
+    except DatasetError as error:
+        _fail(str(error))
+    folder = output or run_folder or Path(config.output_dir) / f"{config.name}-export"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = task.device_model()
+    saved = (
+        [run_folder / n for n in ("simulation.safetensors", "model.safetensors")]
+        if run_folder
+        else []
+    )
+    if weights is None:
+        weights = next((path for path in saved if path.is_file()), None)
+    params = _device_weights(weights, task, config, seed, folder)
+    missing = sorted({name for name, _ in model.named_parameters()} - set(params))
+    if missing:
+        _fail(f"--weights: {weights} lacks the device model's parameters {missing}")
+    try:
+        fp32 = to_onnx(model, params)
+    except ExportError as error:
+        _fail(f"--weights: {error}")
+    int8 = quantize_int8(fp32)
+    (folder / "model.onnx").write_bytes(fp32)
+    (folder / "model.int8.onnx").write_bytes(int8)
+    rows = task.split.target_rows("test")[:256]
+    history = task.split.history(rows, task.shapes.device_history)
+    candidates = task.split.candidates("test")[:256]
+    for name, blob in (("model.onnx", fp32), ("model.int8.onnx", int8)):
+        diff = parity(model, params, blob, history, candidates)
+        console.print(f"{folder / name}: {len(blob):,} bytes, parity max |diff| {diff:.3g}")
+    console.print(f"size ratio fp32/int8: {len(fp32) / len(int8):.2f}")
+
+
+def _device_weights(
+    path: Path | None, task: Any, config: RunConfig, seed: int, folder: Path
+) -> dict[str, Any]:
+    """Device-model weights from a safetensors file, or pretrained as finetune does."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if path is not None:
+        try:
+            tensors = load_file(path)
+        except Exception as error:
+            _fail(f"--weights: {path} is not a readable safetensors file ({error})")
+        if any(name.startswith("cloud/") for name in tensors):
+            return {k.removeprefix("cloud/"): v for k, v in tensors.items() if k[:6] == "cloud/"}
+        return dict(tensors)
+    from coevo.strategies.finetune import Finetune, FinetuneConfig
+
+    spec = next((s for s in config.strategies if s["name"] == "finetune"), {"name": "finetune"})
+    strategy = Finetune(task, parse(FinetuneConfig, spec))
+    console.print("no weights given: pretraining the device model on cloud-period data")
+    params = dict(strategy.init(torch.Generator().manual_seed(seed)).tensors)
+    save_file({k: v.contiguous() for k, v in params.items()}, folder / "model.safetensors")
+    return params
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="Serve YAML: a run config plus a serve section.")],
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Serve CONFIG's strategy to real devices over HTTP (FastAPI, uvicorn, SQLite)."""
+    from coevo.serve.launch import run_server
+    from coevo.serve.settings import load_serve_config
+
+    try:
+        settings = load_serve_config(config, set_)
+    except ConfigError as error:
+        _fail(f"invalid configuration\n{error}")
+        raise
+    serve_part = settings.serve
+    console.print(
+        f"serving {settings.run.strategies[0]['name']} on "
+        f"http://{serve_part.host}:{serve_part.port} (database {serve_part.database})"
+    )
+    try:
+        run_server(settings, str(data_dir) if data_dir else None)
+    except ValueError as error:
+        _fail(str(error))
+
+
+ServerOption = Annotated[
+    str, typer.Option("--server", help="Server URL, e.g. http://127.0.0.1:8000")
+]
+GiveUpOption = Annotated[
+    float, typer.Option("--give-up-s", help="Seconds the server may stay unreachable.")
+]
+AttackOption = Annotated[
+    str | None,
+    typer.Option(
+        "--attack",
+        help="Behave maliciously: an attack of coevo.attacks (sign_flip, scaling, noise, "
+        "label_flip, backdoor, free_ride).",
+    ),
+]
+AttackScaleOption = Annotated[
+    float | None,
+    typer.Option("--attack-scale", help="The attack's magnitude (factor, sigma or boost)."),
+]
+AttackStartOption = Annotated[
+    int, typer.Option("--attack-start-round", help="First round the attack runs in.")
+]
+AttackSeedOption = Annotated[
+    int, typer.Option("--attack-seed", help="Seed of the attack's randomness and of who attacks.")
+]
+SecAggOption = Annotated[
+    bool, typer.Option("--secagg", help="Upload through secure aggregation (serve.secagg).")
+]
+
+
+def _attack_spec(name: str | None, scale: float | None, start_round: int, seed: int) -> Any:
+    """The ``AttackSpec`` the --attack options describe, checked (``None`` without --attack)."""
+    from coevo.serve.attack import AttackSpec
+
+    if name is None:
+        if scale is not None:
+            _fail("--attack-scale: needs --attack")
+        return None
+    spec = AttackSpec(name, scale, start_round, seed)
+    try:
+        spec.build()
+    except ValueError as error:
+        _fail(str(error))
+    return spec
+
+
+@app.command()
+def device(
+    server: ServerOption,
+    index: Annotated[int, typer.Option("--index", help="This device's index in the task.")],
+    state: Annotated[Path, typer.Option("--state", help="Local state file (token, weights).")],
+    data_dir: DataDirOption = None,
+    infer: Annotated[str, typer.Option(help="onnx, torch or none")] = "onnx",
+    give_up_s: GiveUpOption = 120.0,
+    attack: AttackOption = None,
+    attack_scale: AttackScaleOption = None,
+    attack_start_round: AttackStartOption = 0,
+    attack_seed: AttackSeedOption = 0,
+    secagg: SecAggOption = False,
+) -> None:
+    """Run one device: register, train each round it is given, upload, then infer."""
+    import asyncio
+
+    import httpx
+
+    from coevo.serve.device import DeviceError, DeviceRuntime
+
+    if infer not in ("onnx", "torch", "none"):
+        _fail(f"--infer: unknown mode {infer!r}; choose one of: onnx, torch, none")
+    spec = _attack_spec(attack, attack_scale, attack_start_round, attack_seed)
+    service, adversary = None, None
+    if spec is not None:
+        from coevo.serve.launch import _fetch_config
+        from coevo.serve.settings import build_service
+
+        service = build_service(
+            _fetch_config(server, give_up_s), str(data_dir) if data_dir else None
+        )
+        adversary = spec.build(service.task.num_items)
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(base_url=server, timeout=60.0) as client:
+            runtime = DeviceRuntime(
+                client,
+                index,
+                state,
+                service=service,
+                data_dir=str(data_dir) if data_dir else None,
+                give_up_s=give_up_s,
+                infer=infer,  # type: ignore[arg-type]
+                attack=adversary,
+                secagg=secagg,
+            )
+            return await runtime.run()
+
+    try:
+        report = asyncio.run(main())
+    except DeviceError as error:
+        _fail(str(error))
+    console.print(report)
+
+
+@app.command()
+def devices(
+    server: ServerOption,
+    num_devices: Annotated[int, typer.Option("-n", help="Device processes to start.")],
+    first: Annotated[int, typer.Option("--first", help="Index of the first device.")] = 0,
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="One state file each.")] = Path(
+        "coevo-devices"
+    ),
+    data_dir: DataDirOption = None,
+    infer: Annotated[str, typer.Option(help="onnx, torch or none")] = "onnx",
+    give_up_s: GiveUpOption = 120.0,
+    attack: AttackOption = None,
+    attack_scale: AttackScaleOption = None,
+    attack_start_round: AttackStartOption = 0,
+    attack_seed: AttackSeedOption = 0,
+    malicious_share: Annotated[
+        float,
+        typer.Option("--malicious-share", help="Share of the N devices that run --attack."),
+    ] = 1.0,
+    secagg: SecAggOption = False,
+) -> None:
+    """Start N device processes on this machine against SERVER and wait for them all."""
+    from coevo.serve.attack import malicious_indices
+    from coevo.serve.launch import launch_devices
+
+    if infer not in ("onnx", "torch", "none"):
+        _fail(f"--infer: unknown mode {infer!r}; choose one of: onnx, torch, none")
+    indices = list(range(first, first + num_devices))
+    spec = _attack_spec(attack, attack_scale, attack_start_round, attack_seed)
+    malicious = None
+    if spec is not None:
+        try:
+            malicious = malicious_indices(indices, malicious_share, attack_seed)
+        except ValueError as error:
+            _fail(str(error))
+        console.print(f"malicious devices ({attack}): {sorted(malicious or [])}")
+    codes = launch_devices(
+        server,
+        indices,
+        state_dir,
+        data_dir=str(data_dir) if data_dir else None,
+        give_up_s=give_up_s,
+        infer=infer,  # type: ignore[arg-type]
+        attack=spec,
+        malicious=malicious,
+        secagg=secagg,
+    )
+    failed = [first + i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        _fail(f"{len(failed)} of {num_devices} devices failed: {failed}")
+    console.print(f"{num_devices} devices finished")

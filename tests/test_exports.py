@@ -10,6 +10,14 @@ PACKAGES = [
     "coevo.tasks",
     "coevo.sim",
     "coevo.testing",
+    "coevo.codecs",
+    "coevo.fleet",
+    "coevo.policies",
+    "coevo.attacks",
+    "coevo.aggregators",
+    "coevo.privacy",
+    "coevo.export",
+    "coevo.serve",
 ]
 
 

@@ -64,16 +64,21 @@ class ModelsConfig(BaseModel):
 
 
 class CodecSpec(BaseModel):
-    """One codec of a chain, by name: fp16, int8 (per_channel), topk (fraction, error_feedback)."""
+    """One codec of a chain, by name: fp16, int8 (per_channel), topk (fraction,
+    error_feedback), clip (max_norm), gaussian (std: local DP noise)."""
 
     model_config = _FROZEN
-    name: Literal["fp16", "int8", "topk"]
+    name: Literal["fp16", "int8", "topk", "clip", "gaussian"]
     # int8 only: one scale per output channel (more accurate, a few more bytes).
     per_channel: bool = False
     # topk only: share of entries sent per tensor.
     fraction: float = Field(0.1, gt=0, le=1)
     # topk only: carry what was not sent into the next round (per-device state).
     error_feedback: bool = True
+    # clip only: the L2 bound C on one device's update.
+    max_norm: float = Field(1.0, gt=0)
+    # gaussian only: noise standard deviation added on the device (sigma * C for local DP).
+    std: float = Field(0.0, ge=0)
 
 
 class FleetConfig(BaseModel):
@@ -117,6 +122,11 @@ class SimulationConfig(BaseModel):
     backend: Literal["vectorized", "loop"] = "vectorized"
     # Devices per vectorised block: larger is faster until memory runs short.
     block_size: int = Field(128, ge=1, le=1_000_000)
+    # Fixed cost of one vectorised step in device-steps: blocks are cut to balance it
+    # against padding (0: fewest padded steps; large: fewest blocks).
+    block_overhead: float = Field(64.0, ge=0.0, le=1_000_000.0)
+    # Keep per-device state in memory-mapped files under the run folder (huge fleets).
+    memory_map_state: bool = False
     # Devices merged per round (null: all); fewer is cheaper per round, noisier.
     devices_per_round: int | None = Field(None, ge=1)
     # Select this many times devices_per_round and keep the fastest (stragglers dropped).

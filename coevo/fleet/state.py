@@ -196,6 +196,11 @@ class DeviceStateStore:
         for name, value in values.items():
             self._tensors[name][index] = value.detach().to("cpu")
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors themselves: writes into memory-mapped ones reach their files."""
+        return dict(self._tensors)
+
     def flush(self) -> None:
         """Make written rows durable in the ``.npy`` files; nothing to do in memory."""
         for array in self._arrays.values():

@@ -37,6 +37,9 @@ COST_KEYS = (
     "bytes_down_per_device",
     "device_params",
     "device_flops_per_prediction",
+    "device_train_flops_forward",
+    "device_train_flops_backward",
+    "requests_per_device",
     "train_seconds",
 )
 """Cost columns (PROTOCOL item 9)."""

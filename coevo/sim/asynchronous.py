@@ -42,8 +42,9 @@ def run_async(
     num_devices = task.num_devices
     local = config.local
     rows, offsets = task.device_rows(strategy.local_period)
+    sparse = getattr(task, "sparse_inputs", None)
     counts = offsets[1:] - offsets[:-1]
-    flops_per_example = float(getattr(task, "train_flops_per_example", lambda: 0.0)())
+    flops_per_example = sum(strategy.device_flops_per_example())
     bytes_up = torch.zeros(num_devices, dtype=torch.long)
     bytes_down = torch.zeros(num_devices, dtype=torch.long)
     busy = torch.zeros(num_devices, dtype=torch.bool)
@@ -75,6 +76,7 @@ def run_async(
                 batch_size=local.batch_size,
                 seed=seed,
                 round=launched,
+                sparse=sparse,
             )
             results.append((block, *next(iter(execute(strategy, payload, [(state, batch)])))))
         launched += 1

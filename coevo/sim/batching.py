@@ -7,6 +7,9 @@ the vectorised backend (blocks of many) train on exactly the same batches.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -49,6 +52,7 @@ def cohort_batch(
     batch_size: int,
     seed: int,
     round: int = 0,
+    sparse: Mapping[str, str] | None = None,
 ) -> DeviceBatch:
     """Stacked batches ``[len(devices), steps, batch, ...]`` for a block of devices.
 
@@ -73,4 +77,91 @@ def cohort_batch(
         order = order[torch.argsort(owner[order], stable=True)]
         step = epoch * per_epoch[owner] + position // batch_size
         index[owner, step, position % batch_size] = block_rows[order]
-    return DeviceBatch(inputs=task.gather(index.clamp(min=0)), mask=(index >= 0).float())
+    mask = index >= 0
+    inputs = task.gather(index.clamp(min=0))
+    touched = {key: touched_rows(inputs[key], mask) for key in set((sparse or {}).values())}
+    return DeviceBatch(
+        inputs=inputs,
+        mask=mask.float(),
+        tables=dict(sparse or {}),
+        rows={key: rows for key, (rows, _) in touched.items()},
+        local={key: local for key, (_, local) in touched.items()},
+    )
+
+
+def touched_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each device's distinct ids, and every example's position among them.
+
+    Args:
+        ids: int64 ``[devices, steps, batch]`` table row ids (>= 0).
+        mask: bool ``[devices, steps, batch]``: the real examples; padding is ignored.
+
+    Returns:
+        ``rows [devices, most distinct]`` the sorted distinct ids of each device's real examples,
+        padded with -1, and ``local [devices, steps, batch]`` each example's index into its
+        device's ``rows`` (0 for padding).
+    """
+    devices = len(ids)
+    span = int(ids.max()) + 1 if ids.numel() else 1
+    owner = torch.arange(devices).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+    keys = owner[mask] * span + ids[mask]
+    distinct, inverse = torch.unique(keys, return_inverse=True)
+    holder = distinct // span
+    per_device = torch.bincount(holder, minlength=devices)
+    position = torch.arange(len(distinct)) - (per_device.cumsum(0) - per_device)[holder]
+    rows = torch.full((devices, max(int(per_device.max()) if devices else 0, 1)), -1)
+    rows[holder, position] = distinct % span
+    local = torch.zeros_like(ids)
+    local[mask] = position[inverse]
+    return rows, local
+
+
+def plan_blocks(steps: torch.Tensor, max_size: int, overhead: float) -> list[tuple[int, int]]:
+    """Cut devices sorted by step count into blocks that minimise the estimated work.
+
+    A block of ``n`` devices runs as many vectorised steps as its longest device, each costing
+    ``overhead + n`` device-steps (``overhead``: the fixed cost of one vectorised step, in
+    device-steps). Few large blocks pay padding; many small blocks pay the fixed cost. Blocks
+    break only between different step counts (then cut evenly to at most ``max_size``), and
+    a dynamic programme over those breaks finds the cheapest plan.
+
+    Args:
+        steps: int ``[devices]`` step counts, sorted ascending.
+        max_size: most devices in one block (bounds memory).
+        overhead: fixed cost of one vectorised step, in device-steps (0: the fewest padded
+            steps; large: the fewest blocks).
+
+    Returns:
+        ``(start, end)`` index ranges into ``steps``, in order, covering it.
+
+    Example:
+        >>> plan_blocks(torch.tensor([1, 1, 1, 1, 9]), max_size=8, overhead=2.0)
+        [(0, 4), (4, 5)]
+        >>> plan_blocks(torch.tensor([1, 1, 1, 1, 9]), max_size=8, overhead=100.0)
+        [(0, 5)]
+    """
+    if len(steps) == 0:
+        return []
+    values, counts = torch.unique_consecutive(steps, return_counts=True)
+    bounds = [0, *torch.cumsum(counts, 0).tolist()]
+    longest = values.tolist()
+    groups = len(longest)
+    best = [0.0] + [math.inf] * groups
+    cut = [0] * (groups + 1)
+    for j in range(1, groups + 1):
+        for i in range(j):
+            size = bounds[j] - bounds[i]
+            pieces = -(-size // max_size)
+            cost = best[i] + max(longest[j - 1], 1) * (pieces * overhead + size)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ranges, j = [], groups
+    while j > 0:
+        ranges.append((bounds[cut[j]], bounds[j]))
+        j = cut[j]
+    blocks: list[tuple[int, int]] = []
+    for start, end in reversed(ranges):
+        pieces = -(-(end - start) // max_size)
+        edges = [start + (end - start) * p // pieces for p in range(pieces + 1)]
+        blocks.extend(itertools.pairwise(edges))
+    return blocks

@@ -32,21 +32,18 @@ def run_block(
     ``local`` per device (the reference: errors name the block position of the device).
     """
 
-    def one(tensors: Stacked, inputs: Stacked, mask: torch.Tensor):
-        up, new, metrics = strategy.local(payload, DeviceState(tensors), DeviceBatch(inputs, mask))
+    def one(tensors: Stacked, groups: dict[str, Stacked]):
+        device_batch = DeviceBatch.from_tensors(groups, batch.tables)
+        up, new, metrics = strategy.local(payload, DeviceState(tensors), device_batch)
         return dict(up.tensors), dict(new.tensors), dict(metrics)
 
     if backend == "vectorized":
-        return vmap(one)(dict(state.tensors), dict(batch.inputs), batch.mask)
+        return vmap(one)(dict(state.tensors), batch.tensors())
     outputs = []
     for i in range(len(batch.mask)):
         try:
             outputs.append(
-                one(
-                    {k: v[i] for k, v in state.tensors.items()},
-                    {k: v[i] for k, v in batch.inputs.items()},
-                    batch.mask[i],
-                )
+                one({k: v[i] for k, v in state.tensors.items()}, batch.device(i).tensors())
             )
         except Exception as error:
             raise RuntimeError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def simulation_options(
     options: dict[str, Any] = {
         "backend": sim.backend,
         "block_size": sim.block_size,
+        "block_overhead": sim.block_overhead,
         "devices_per_round": sim.devices_per_round,
         "over_selection": sim.over_selection,
         "deadline_s": sim.deadline_s,
@@ -119,7 +121,7 @@ def _cost(strategy: Strategy, sim: SimulationResult, facts: dict) -> dict[str, f
     task = strategy.task
     bytes_up = sim.bytes_up.double().mean().item()
     bytes_down = sim.bytes_down.double().mean().item()
-    if strategy.serving == "cloud":
+    if strategy.serving == "cloud" or strategy.asks_cloud:
         split = task.split
         history = split.history(split.target_rows("test"), task.shapes.cloud_history)
         candidates = split.candidates("test")
@@ -132,15 +134,25 @@ def _cost(strategy: Strategy, sim: SimulationResult, facts: dict) -> dict[str, f
         }
         bytes_up += float(np.mean([sizes[int(n)] for n in lengths]))
         bytes_down += wire_bytes(strategy.response(candidates[0]))
+    if strategy.serving == "cloud":
         device = {"device_params": 0.0, "device_flops_per_prediction": 0.0}
     else:
         device = {
             "device_params": facts["device"]["params"],
             "device_flops_per_prediction": facts["device"]["flops_per_prediction"],
         }
+        own = getattr(strategy, "device_flops", None)
+        if own is not None:
+            device["device_flops_per_prediction"] = float(own()["forward"])
+    # Serving from the cloud asks once per prediction (one test prediction per device under
+    # P1); an exchanging strategy asks once per round it takes part in.
+    requests = 1.0 if strategy.serving == "cloud" or strategy.asks_cloud else 0.0
+    if sim.requests is not None:
+        requests += sim.requests.double().mean().item()
     return {
         "bytes_up_per_device": bytes_up,
         "bytes_down_per_device": bytes_down,
+        "requests_per_device": requests,
         **device,
         "train_seconds": sim.train_seconds,
     }
@@ -177,8 +189,26 @@ def run(
             rng = torch.Generator().manual_seed(seed)
             label = f"{strategy.name} (seed {seed})"
 
-            def record(values: dict[str, float], name: str = strategy.name, s: int = seed) -> None:
+            flops = {"forward": 0.0, "backward": 0.0}
+
+            def record(
+                values: dict[str, float],
+                name: str = strategy.name,
+                s: int = seed,
+                flops: dict[str, float] = flops,
+            ) -> None:
+                for part in flops:
+                    flops[part] += values.get(f"device_flops_{part}", 0.0)
                 callbacks.on_round_end({"strategy": name, "seed": s, **values})
+
+            on_round: Callable[[dict[str, float]], None] = record
+            accountant = getattr(strategy, "accountant", None)
+            spent = None
+            if accountant is not None:
+                from coevo.privacy.callback import with_epsilon
+
+                spent = accountant(config.simulation.devices_per_round)
+                on_round = with_epsilon(record, spent)
 
             def progress(done: int, of: int, label: str = label) -> None:
                 callbacks.on_progress(label, done, of)
@@ -187,9 +217,14 @@ def run(
             sim = simulate(
                 strategy,
                 rng,
-                on_round=record,
+                on_round=on_round,
                 on_progress=progress,
                 **simulation_options(config, task, strategy, seed),
+                device_state_dir=(
+                    str(run_dir / "device_state" / f"{strategy.name}-{seed}")
+                    if config.simulation.memory_map_state
+                    else None
+                ),
             )
 
             def scorer(devices, history, candidates, sim=sim, strategy=strategy):
@@ -201,6 +236,8 @@ def run(
             )
             _, val = task.evaluate(scorer, "val", full_ranking=False, seed=seed)
             summary["val_hr@10"] = val["hr@10"]
+            if spent is not None:
+                summary["epsilon"] = spent.epsilon(sim.rounds)
             callbacks.on_round_end(
                 {"strategy": strategy.name, "seed": seed, "phase": "evaluate", **summary}
             )
@@ -210,7 +247,12 @@ def run(
                 metrics=summary,
                 per_device={k: v.numpy() for k, v in per_device.items()},
                 group=task.split.group.numpy(),
-                cost=_cost(strategy, sim, model_facts) | {"seconds": time.perf_counter() - started},
+                cost=_cost(strategy, sim, model_facts)
+                | {
+                    "device_train_flops_forward": flops["forward"] / task.num_devices,
+                    "device_train_flops_backward": flops["backward"] / task.num_devices,
+                    "seconds": time.perf_counter() - started,
+                },
                 note=strategy.note,
             )
             results.append(result)

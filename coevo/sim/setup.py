@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from coevo.codecs import Chain, Codec, Float16, Int8, TopK
+from coevo.codecs import Chain, ClipNorm, Codec, Float16, GaussianNoise, Int8, TopK
 from coevo.config import CodecSpec, ConfigError, EarlyStoppingConfig, FleetConfig
 from coevo.fleet import always_available, diurnal_availability, load_trace, sample_profiles
 from coevo.sim.clock import Fleet
@@ -21,6 +21,10 @@ def build_codec(specs: list[CodecSpec]) -> Codec | None:
             codecs.append(Float16())
         elif spec.name == "int8":
             codecs.append(Int8(per_channel=spec.per_channel))
+        elif spec.name == "clip":
+            codecs.append(ClipNorm(spec.max_norm))
+        elif spec.name == "gaussian":
+            codecs.append(GaussianNoise(spec.std))
         else:
             codecs.append(TopK(spec.fraction, error_feedback=spec.error_feedback))
     if not codecs:

@@ -18,9 +18,11 @@ import torch
 
 from coevo.codecs import Codec
 from coevo.sim.asynchronous import run_async
-from coevo.sim.batching import cohort_batch, steps_per_device
+from coevo.sim.batching import cohort_batch, plan_blocks, steps_per_device
 from coevo.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coevo.sim.clock import Fleet, settle_round
+from coevo.sim.device_store import MappedDeviceState
+from coevo.sim.exchange import exchange
 from coevo.sim.executor import Backend, Executor, local_executor
 from coevo.sim.wire import init_codec_state, send_down, send_up
 from coevo.strategies.base import Strategy
@@ -43,6 +45,8 @@ class SimulationResult:
     train_seconds: float
     virtual_seconds: float = 0.0
     rounds: int = 0
+    requests: torch.Tensor | None = None
+    """Per device, the rounds in which it asked the cloud for its own answer (exchanges)."""
 
 
 def select_cohort(candidates: torch.Tensor, size: int | None, rng: torch.Generator) -> torch.Tensor:
@@ -67,6 +71,7 @@ def simulate(
     *,
     backend: Backend = "vectorized",
     block_size: int = 128,
+    block_overhead: float = 64.0,
     on_round: RoundHook | None = None,
     on_progress: ProgressHook | None = None,
     cloud: CloudState | None = None,
@@ -80,10 +85,15 @@ def simulate(
     stop: StopHook | None = None,
     checkpoint: str | None = None,
     executor: Executor | None = None,
+    device_state_dir: str | None = None,
 ) -> SimulationResult:
     """Run ``strategy`` for its rounds and return the final states and accounting.
 
     Args:
+        block_size: most devices trained in one vectorised call (bounds memory).
+        block_overhead: the fixed cost of one vectorised step, in device-steps: the cohort,
+            sorted by step count, is cut into the blocks that minimise padded device-steps
+            plus this cost per block-step (`coevo.sim.batching.plan_blocks`).
         cloud: start from this cloud state instead of ``strategy.init``.
         devices_per_round: devices merged per round (all when ``None``); ``over_selection``
             times as many are selected, and the fastest ``devices_per_round`` count.
@@ -96,6 +106,10 @@ def simulate(
             started with the same folder resumes from it, bit for bit.
         executor: runs the round's blocks (the Ray backend shards them over actors); by
             default they run in this process with ``backend``.
+        device_state_dir: keep the stacked device state in memory-mapped files in this
+            folder (`coevo.sim.device_store`), for fleets whose state outgrows memory; with
+            ``checkpoint``, a resumed run reopens them, undoing a round that wrote its rows
+            but not its checkpoint.
     """
     task = strategy.task
     num_devices = task.num_devices
@@ -103,7 +117,9 @@ def simulate(
         raise ValueError(f"fleet has {len(fleet)} devices, the task {num_devices}")
     started = time.perf_counter()
     cloud = strategy.init(rng) if cloud is None else cloud
-    devices = strategy.init_devices(cloud, num_devices)
+    initial_cloud = cloud
+    mapped = device_state_dir is not None
+    devices = DeviceState({}) if mapped else strategy.init_devices(cloud, num_devices)
     # Drawn before a checkpoint restores the generator, so a resumed run shuffles alike.
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     state = Checkpoint(
@@ -119,12 +135,17 @@ def simulate(
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, default=state)
         rng.set_state(state.rng_state)
-    cloud, devices = (
-        state.cloud,
-        state.devices,
-    )
+    cloud, devices = state.cloud, state.devices
+    store = None
+    if device_state_dir is not None:
+        resume_round = state.round if checkpoint is not None and state.round > 0 else None
+        store = MappedDeviceState(
+            strategy, initial_cloud, num_devices, device_state_dir, resume_round=resume_round
+        )
+        devices = store.state
     codec_state, clock_s = dict(state.codec_state), state.clock_s
     bytes_up, bytes_down = state.bytes_up.clone(), state.bytes_down.clone()
+    requests = torch.zeros(num_devices, dtype=torch.long)
     rounds_done = state.round
     if strategy.local_period is not None and getattr(strategy, "asynchronous", False):
         size = 1 if backend == "loop" else block_size
@@ -143,9 +164,10 @@ def simulate(
     elif strategy.local_period is not None:
         local = strategy.config.local
         rows, offsets = task.device_rows(strategy.local_period)
+        sparse = getattr(task, "sparse_inputs", None)
         counts = offsets[1:] - offsets[:-1]
         steps = steps_per_device(counts, local.epochs, local.batch_size)
-        flops_per_example = float(getattr(task, "train_flops_per_example", lambda: 0.0)())
+        forward_per_example, backward_per_example = strategy.device_flops_per_example()
         size = 1 if backend == "loop" else block_size
         execute = executor if executor is not None else _executor(backend)
         target = devices_per_round or num_devices
@@ -164,7 +186,8 @@ def simulate(
             payload, down_bytes = send_down(downlink_codec, strategy.downlink(cloud, round))
             # Blocks of devices with similar step counts keep padding small.
             by_steps = cohort[torch.argsort(steps[cohort], stable=True)]
-            blocks = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
+            plan = plan_blocks(steps[by_steps], size, block_overhead if size > 1 else 0.0)
+            blocks = [by_steps[start:end] for start, end in plan]
             jobs = [
                 (
                     DeviceState({k: v[block] for k, v in devices.tensors.items()}),
@@ -177,10 +200,20 @@ def simulate(
                         batch_size=local.batch_size,
                         seed=seed,
                         round=round,
+                        sparse=sparse,
                     ),
                 )
                 for block in blocks
             ]
+            query_bytes = 0
+            if strategy.exchanges:
+                loop = backend == "loop"
+                jobs, query_bytes, answer_bytes = exchange(
+                    strategy, cloud, payload, blocks, jobs, loop=loop
+                )
+                bytes_up[by_steps] += query_bytes
+                requests[by_steps] += 1
+                down_bytes += answer_bytes
             # Uplinks go straight into one preallocated [cohort, ...] tensor per name: a
             # 10,000-device cohort of dense updates is gigabytes, so no second copy is made.
             uplinks: dict[str, torch.Tensor] = {}
@@ -208,7 +241,8 @@ def simulate(
                 )
             own_codec_state = {k: v[by_steps] for k, v in codec_state.items()}
             decoded, new_codec_state, up_bytes = send_up(uplink_codec, uplinks, own_codec_state)
-            flops = counts[by_steps].double() * local.epochs * flops_per_example
+            examples = counts[by_steps].double() * local.epochs
+            flops = examples * (forward_per_example + backward_per_example)
             outcome = settle_round(
                 fleet,
                 by_steps,
@@ -222,8 +256,12 @@ def simulate(
             bytes_down[by_steps] += down_bytes
             reporters = by_steps[outcome.reported]
             bytes_up[reporters] += up_bytes
-            for k, pieces in new_parts.items():
-                devices.tensors[k][reporters] = torch.cat(pieces)[outcome.reported]
+            new_rows = {k: torch.cat(v)[outcome.reported] for k, v in new_parts.items()}
+            if store is not None:
+                store.write(round, reporters, new_rows, log=checkpoint is not None)
+            else:
+                for k, v in new_rows.items():
+                    devices.tensors[k][reporters] = v
             for k, v in new_codec_state.items():
                 codec_state[k][reporters] = v[outcome.reported]
             weights = counts[reporters].float()
@@ -243,11 +281,13 @@ def simulate(
                     "dropped": int(outcome.dropped.sum()),
                     "late": int(outcome.late.sum()),
                     "loss": float(torch.cat(losses).nanmean()) if losses else float("nan"),
-                    "bytes_up": float(up_bytes * len(reporters)),
+                    "bytes_up": float(up_bytes * len(reporters) + query_bytes * len(cohort)),
                     "bytes_down": float(down_bytes * len(cohort)),
                     "virtual_seconds": clock_s,
                     "round_seconds": outcome.seconds,
                     "device_flops": float(flops.sum()),
+                    "device_flops_forward": float(examples.sum() * forward_per_example),
+                    "device_flops_backward": float(examples.sum() * backward_per_example),
                 }
                 if outcome.cost is not None:
                     record["energy_j"] = float(outcome.cost.energy_j.sum())
@@ -257,7 +297,7 @@ def simulate(
                     checkpoint,
                     Checkpoint(
                         cloud,
-                        devices,
+                        devices if store is None else DeviceState({}),
                         codec_state,
                         bytes_up,
                         bytes_down,
@@ -266,6 +306,8 @@ def simulate(
                         rng.get_state(),
                     ),
                 )
+            if store is not None:
+                store.committed()
             if stop is not None and stop(round, cloud, devices):
                 break
     return SimulationResult(
@@ -276,4 +318,5 @@ def simulate(
         train_seconds=time.perf_counter() - started,
         virtual_seconds=clock_s,
         rounds=rounds_done,
+        requests=requests,
     )

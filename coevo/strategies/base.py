@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from coevo.tasks.protocol import Period
 from coevo.tasks.recommendation import RecommendationTask
@@ -38,10 +38,20 @@ class DeviceBatch:
         inputs: the task's named example tensors, each ``[steps, batch, ...]`` (for
             recommendation: ``history [steps, batch, length]`` and ``target [steps, batch]``).
         mask: float32 ``[steps, batch]``: 1 for a real example, 0 for padding.
+        tables: sparse tables, ``{parameter name: input name}``, for a task that declares
+            ``sparse_inputs``: the parameter (an embedding table) is read by the loss only
+            through row lookups by that input. `local_train` then trains only the rows the
+            batch touches, which gives the same result as training the whole table.
+        rows: per sparse input, ``[touched]`` ids of the table rows the batch touches, padded
+            with -1.
+        local: per sparse input, ``[steps, batch]`` positions of each example's id in ``rows``.
     """
 
     inputs: Mapping[str, torch.Tensor]
     mask: torch.Tensor
+    tables: Mapping[str, str] = field(default_factory=dict)
+    rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    local: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -50,6 +60,33 @@ class DeviceBatch:
     @property
     def num_examples(self) -> torch.Tensor:
         return self.mask.sum()
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The batch's tensors by group (``inputs``, ``mask``, ``rows``, ``local``)."""
+        return {
+            "inputs": dict(self.inputs),
+            "mask": {"": self.mask},
+            "rows": dict(self.rows),
+            "local": dict(self.local),
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, groups: Mapping[str, Mapping[str, torch.Tensor]], tables: Mapping[str, str]
+    ) -> DeviceBatch:
+        """Inverse of `tensors` (``tables`` is not a tensor, so it comes apart)."""
+        return cls(
+            dict(groups["inputs"]),
+            groups["mask"][""],
+            tables,
+            dict(groups["rows"]),
+            dict(groups["local"]),
+        )
+
+    def device(self, index: int) -> DeviceBatch:
+        """Device ``index``'s batch, out of a batch stacked over a block of devices."""
+        groups = {g: {k: v[index] for k, v in t.items()} for g, t in self.tensors().items()}
+        return DeviceBatch.from_tensors(groups, self.tables)
 
 
 class Strategy(ABC):
@@ -72,6 +109,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     serving: ClassVar[str] = "device"
     """``"device"``: the device scores its own requests; ``"cloud"``: each request is sent up."""
+    asks_cloud: ClassVar[bool] = False
+    """True when every inference request also goes to the cloud although the device scores
+    (weights generated per request): its ``request`` and ``response`` bytes are counted."""
     local_period: ClassVar[Period | None] = "device"
     """Rows a device trains on in ``local``; ``None`` when devices do no training."""
     note: ClassVar[str] = ""
@@ -125,6 +165,31 @@ class Strategy(ABC):
         """What the cloud answers to one request: a score per candidate."""
         return Payload({"scores": torch.zeros(len(candidates))})
 
+    exchanges: ClassVar[bool] = False
+    """True: before ``local``, each selected device sends ``query`` up and gets its own
+    ``answer`` down (two phases of the round, both counted; see ``coevo.sim.exchange``)."""
+
+    def query(self, payload: Payload, device_state: DeviceState, batch: DeviceBatch) -> Payload:
+        """What one device sends up before its local work; pure and vmappable like ``local``."""
+        return Payload()
+
+    def answer(self, cloud: CloudState, devices: torch.Tensor, queries: Payload) -> Payload:
+        """The cloud's answer to each of ``devices``, stacked ``[len(devices), ...]``.
+
+        ``queries`` holds their queries stacked alike. A device's ``local`` finds its own
+        answer's tensors in its device state (and must not return them as new state).
+        """
+        return Payload()
+
+    def device_flops_per_example(self) -> tuple[float, float]:
+        """Forward and backward FLOPs one local training example costs a device.
+
+        By default the task's training estimate, a third forward and two thirds backward; a
+        strategy whose devices train something else (or only run forward passes) overrides it.
+        """
+        total = float(getattr(self.task, "train_flops_per_example", lambda: 0.0)())
+        return total / 3.0, 2.0 * total / 3.0
+
     @abstractmethod
     def score(
         self,
@@ -149,6 +214,7 @@ def local_train(
     correction: Mapping[str, torch.Tensor] | None = None,
     optimizer: str = "adam",
     betas: tuple[float, float] = (0.9, 0.999),
+    as_update: Sequence[str] = (),
 ) -> tuple[Params, torch.Tensor]:
     """Adam or plain SGD on ``trainable`` params over every step of ``batch``; pure, vmappable.
 
@@ -157,8 +223,30 @@ def local_train(
     loss adds ``l2 / 2 * ||w - anchor||^2`` over the anchored names (regularised fine-tuning,
     FedProx's proximal term). ``correction`` is added to every gradient (SCAFFOLD's ``c - c_i``).
 
-    Returns the new parameters (all of them) and the mean training loss over real examples.
+    Sparse tables (``batch.tables``) train on the rows the batch touches only, and the rows are
+    written back at the end: the same result as training the whole table (rows never looked
+    up get zero gradients, so neither SGD nor Adam nor the anchor moves them), at a cost
+    proportional to the rows touched. With ``correction`` every row moves, so the whole table
+    trains.
+
+    Returns the new parameters (all of them; those named in ``as_update`` as their change,
+    trained minus given, which for a sparse table is built from the touched rows alone) and
+    the mean training loss over real examples.
     """
+    sparse = (
+        {}
+        if correction is not None
+        else {p: key for p, key in batch.tables.items() if p in trainable and key in batch.rows}
+    )
+    tables = {p: _padded_table(params[p]) for p in sparse}
+    positions = {p: _table_positions(batch.rows[key], params[p]) for p, key in sparse.items()}
+    params = {**params, **{p: tables[p][positions[p]] for p in sparse}}
+    if anchor is not None and sparse:
+        pinned = {p: _padded_table(anchor[p])[positions[p]] for p in sparse if p in anchor}
+        anchor = {**anchor, **pinned}
+    if sparse:
+        local_ids = {key: batch.local[key] for key in sparse.values()}
+        batch = DeviceBatch({**batch.inputs, **local_ids}, batch.mask)
     frozen = {k: v for k, v in params.items() if k not in trainable}
     weights = {k: params[k] for k in trainable}
 
@@ -170,23 +258,48 @@ def local_train(
             value = value + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in pulled)
         return value, reported
 
-    first = {k: torch.zeros_like(v) for k, v in weights.items()}
-    second = {k: torch.zeros_like(v) for k, v in weights.items()}
-    step_count = torch.zeros(())
-    total = torch.zeros(())
+    def plain_loss(w: Params, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor):
+        return loss(model, {**frozen, **w}, inputs, mask)
+
+    pulled = anchor is not None and l2 > 0
+    step_grad = grad(loss_fn, has_aux=True) if pulled else grad_and_value(plain_loss)
+    adam = optimizer != "sgd"
+    first = {k: torch.zeros_like(v) for k, v in weights.items()} if adam else {}
+    second = {k: torch.zeros_like(v) for k, v in weights.items()} if adam else {}
+    # Plain SGD without an anchor moves only the rows a step looks up: the step differentiates
+    # with respect to those rows alone and adds the update into the table in place.
+    by_row = [] if adam or pulled else list(sparse)
+    weights.update({p: weights[p].clone() for p in by_row})
+    sizes = batch.mask.sum(-1)
+    actives = (sizes > 0).to(batch.mask.dtype)
+    rates = actives * lr
+    counts = actives.cumsum(0).clamp(min=1.0)
+    positions_in_step = {p: torch.arange(batch.inputs[sparse[p]][0].numel()) for p in by_row}
+    step_losses = []
     for step in range(batch.num_steps):
         mask = batch.mask[step]
-        active = (mask.sum() > 0).float()
         inputs = {k: v[step] for k, v in batch.inputs.items()}
-        grads, step_loss = grad(loss_fn, has_aux=True)(weights, inputs, mask)
-        total = total + step_loss * mask.sum()
-        step_count = step_count + active
-        t = step_count.clamp(min=1.0)
+        looked_up, step_weights = {}, weights
+        if by_row:
+            step_weights = dict(weights)
+            for p in by_row:
+                ids = inputs[sparse[p]]
+                looked_up[p] = ids.reshape(-1)
+                step_weights[p] = weights[p][looked_up[p]]
+                inputs[sparse[p]] = positions_in_step[p].view(ids.shape)
+        grads, step_loss = step_grad(step_weights, inputs, mask)
+        step_losses.append(step_loss)
         if correction is not None:
             grads = {k: g + correction[k] for k, g in grads.items()}
-        if optimizer == "sgd":
-            weights = {k: weights[k] - active * lr * grads[k] for k in weights}
+        if not adam:
+            for k in weights:
+                if k in looked_up:
+                    # weights[k] is this call's own copy of the table's touched rows.
+                    weights[k].index_put_((looked_up[k],), grads[k] * -rates[step], accumulate=True)
+                else:
+                    weights[k] = torch.addcmul(weights[k], grads[k], rates[step], value=-1.0)
             continue
+        active, t = actives[step], counts[step]
         for k in weights:
             first[k] = first[k] + active * (1 - betas[0]) * (grads[k] - first[k])
             second[k] = second[k] + active * (1 - betas[1]) * (grads[k] ** 2 - second[k])
@@ -194,8 +307,29 @@ def local_train(
                 (second[k] / (1 - betas[1] ** t)).sqrt() + 1e-8
             )
             weights[k] = weights[k] - active * lr * update
+    total = (torch.stack(step_losses) * sizes).sum() if step_losses else torch.zeros(())
     mean_loss = total / batch.mask.sum().clamp(min=1.0)
+    for p in sparse:
+        if p in as_update:
+            change = weights[p] - params[p]
+            written = torch.zeros_like(tables[p]).index_put((positions[p],), change)
+        else:
+            written = tables[p].index_copy(0, positions[p], weights[p])
+        weights[p] = written[: len(written) - 1]
+    for k in as_update:
+        if k not in sparse:
+            weights[k] = weights[k] - params[k]
     return {**frozen, **weights}, mean_loss
+
+
+def _padded_table(table: torch.Tensor) -> torch.Tensor:
+    """``table`` with one zero row appended: where the padding of a sparse batch points."""
+    return torch.cat([table, torch.zeros_like(table[:1])])
+
+
+def _table_positions(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Row ids with the padding (-1) sent to the appended zero row of `_padded_table`."""
+    return torch.where(rows < 0, len(table), rows)
 
 
 def score_shared(model: nn.Module, params: Mapping[str, torch.Tensor], history, candidates):

@@ -86,9 +86,10 @@ class FedAvg(Strategy):
             local.lr,
             loss=self.task.batch_loss,
             optimizer=local.optimizer,
+            as_update=self.shared,
             **self.local_extras(payload, device_state),
         )
-        update = {k: trained[k] - payload.tensors[k] for k in self.shared}
+        update = {k: trained[k] for k in self.shared}
         personal = {k: trained[k] for k in self.private}
         return Payload(update), DeviceState(personal), {"loss": loss}
 

@@ -9,6 +9,7 @@ the item's genre flags. Evaluation reports global test AUC and per-user AUC.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -48,8 +49,16 @@ class CTRModel(nn.Module):
 
     def forward(self, item: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """Logits ``[...]`` for items ``[...]`` with side features ``[..., num_side]``."""
-        features = torch.cat([self.item_embedding(item), side], dim=-1)
-        return self.output(torch.relu(self.hidden(features))).squeeze(-1)
+        return ctr_logits(dict(self.named_parameters()), item, side)
+
+
+def ctr_logits(
+    params: Mapping[str, torch.Tensor], item: torch.Tensor, side: torch.Tensor
+) -> torch.Tensor:
+    """`CTRModel`'s forward pass as a function of its parameters (no module swapping)."""
+    features = torch.cat([F.embedding(item, params["item_embedding.weight"]), side], dim=-1)
+    hidden = F.relu(F.linear(features, params["hidden.weight"], params["hidden.bias"]))
+    return F.linear(hidden, params["output.weight"], params["output.bias"]).squeeze(-1)
 
 
 class RatingCTRTask:
@@ -72,6 +81,9 @@ class RatingCTRTask:
         >>> offsets.tolist(), task.gather(rows)["label"].tolist()
         ([0, 4, 5], [1.0, 0.0, 1.0, 0.0, 1.0])
     """
+
+    sparse_inputs: ClassVar[dict[str, str]] = {"item_embedding.weight": "item"}
+    """The item table is read only by row lookups of ``item``: devices train the rows they touch."""
 
     def __init__(
         self,
@@ -172,10 +184,11 @@ class RatingCTRTask:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """Binary cross-entropy with logits, averaged over the real (``mask == 1``) examples."""
-        weights = {**params, **dict(model.named_buffers())}
-        logits = functional_call(model, weights, (inputs["item"], inputs["side"]))
-        loss = F.binary_cross_entropy_with_logits(logits, inputs["label"], reduction="none")
-        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+        logits = ctr_logits(params, inputs["item"], inputs["side"])
+        loss = F.binary_cross_entropy_with_logits(
+            logits, inputs["label"], weight=mask, reduction="sum"
+        )
+        return loss / mask.sum().clamp(min=1.0)
 
     def evaluate(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Test metrics of the model with weights ``params``.

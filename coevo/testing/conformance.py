@@ -89,22 +89,44 @@ def _unchanged(what: str, call: Callable[[], Any], **inputs: Named) -> Any:
     return result
 
 
-def _verbs_leave_inputs(strategy: Strategy, period: Period, cloud: CloudState) -> Payload:
-    """Calls ``downlink``, ``local`` (on device 0) and ``merge`` directly; returns the uplink."""
+def _with_answer(
+    strategy: Strategy, cloud: CloudState, payload: Payload, state: DeviceState, one: DeviceBatch
+) -> tuple[DeviceState, int, int]:
+    """Device 0's state with its ``answer``, and the bytes of its query and answer."""
+    inputs = {"payload": payload.tensors, "state": state.tensors, "batch": one.inputs}
+    query = _unchanged("query", partial(strategy.query, payload, state, one), **inputs)
+    stacked = Payload({name: tensor[None] for name, tensor in query.tensors.items()})
+    call = partial(strategy.answer, cloud, torch.arange(1), stacked)
+    answer = _unchanged("answer", call, cloud=cloud.tensors, queries=stacked.tensors)
+    own = {name: tensor[0] for name, tensor in answer.tensors.items()}
+    return state.with_tensors(**own), wire_bytes(query), wire_bytes(Payload(own))
+
+
+def _verbs_leave_inputs(
+    strategy: Strategy, period: Period, cloud: CloudState
+) -> tuple[Payload, int, int]:
+    """Calls ``downlink``, ``local`` (on device 0) and ``merge`` directly (with ``query`` and
+    ``answer`` first when the strategy exchanges); returns the uplink and the bytes of the
+    query and the answer."""
     task, local = strategy.task, strategy.config.local
     payload = _unchanged("downlink", partial(strategy.downlink, cloud, 0), cloud=cloud.tensors)
     rows, offsets = task.device_rows(period)
     sizes = {"epochs": local.epochs, "batch_size": local.batch_size}
-    batch = cohort_batch(task, rows, offsets, torch.arange(1), seed=0, **sizes)
+    sparse = getattr(task, "sparse_inputs", None)
+    batch = cohort_batch(task, rows, offsets, torch.arange(1), seed=0, sparse=sparse, **sizes)
     state = DeviceState({k: v[0] for k, v in strategy.init_devices(cloud, 1).tensors.items()})
-    one = DeviceBatch({k: v[0] for k, v in batch.inputs.items()}, batch.mask[0])
+    one = batch.device(0)
+    exchanged = (state, 0, 0)
+    if strategy.exchanges:
+        exchanged = _with_answer(strategy, cloud, payload, state, one)
+    state = exchanged[0]
     inputs = {"payload": payload.tensors, "state": state.tensors, "batch": one.inputs}
     call = partial(strategy.local, payload, state, one)
     uplink = _unchanged("local", call, **inputs, mask={"": one.mask})[0]
     stacked = Payload({name: tensor[None] for name, tensor in uplink.tensors.items()})
     merge = partial(strategy.merge, cloud, stacked, (offsets[1:2] - offsets[:1]).float())
     _unchanged("merge", merge, cloud=cloud.tensors, uplinks=stacked.tensors)
-    return uplink
+    return uplink, exchanged[1], exchanged[2]
 
 
 def _simulate(
@@ -129,9 +151,14 @@ def _final(run: SimulationResult) -> dict[str, Tensor]:
     return _joined(cloud=run.cloud.tensors, devices=run.devices.tensors, bytes=traffic)
 
 
-def _bytes_reported(strategy: Strategy, run: SimulationResult, taken: Tensor, up: int) -> None:
-    """Each device's bytes against the real payloads' ``wire_bytes`` times its rounds."""
-    sizes = [wire_bytes(strategy.downlink(run.cloud, r)) for r in range(strategy.rounds)]
+def _bytes_reported(
+    strategy: Strategy, run: SimulationResult, taken: Tensor, up: int, answer: int = 0
+) -> None:
+    """Each device's bytes against the real payloads' ``wire_bytes`` times its rounds.
+
+    ``up`` includes the query and ``answer`` is the answer of a strategy that exchanges.
+    """
+    sizes = [wire_bytes(strategy.downlink(run.cloud, r)) + answer for r in range(strategy.rounds)]
     down, rounds = torch.tensor(sizes, dtype=torch.long), taken.long()
     if taken.any() or not strategy.rounds:
         want = {"down": (rounds * down[:, None]).sum(0), "up": rounds.sum(0) * up}
@@ -189,6 +216,7 @@ def check_strategy(
     rounds_field = {"rounds": rounds} if "rounds" in strategy_cls.Config.model_fields else {}
     settings = strategy_cls.Config.model_validate(values | rounds_field)
     strategy, uplink, per_round = strategy_cls(task, settings), Payload(), devices_per_round
+    query_bytes = answer_bytes = 0
     trains = strategy.local_period is not None
     with _checking(f"strategy {strategy_cls.name!r}") as checks:
         rng = torch.Generator().manual_seed(0)
@@ -196,7 +224,9 @@ def check_strategy(
         drew = not torch.equal(rng.get_state(), torch.Generator().manual_seed(0).get_state())
         if strategy.local_period is not None:
             checks.property = "no input mutation"
-            uplink = _verbs_leave_inputs(strategy, strategy.local_period, cloud)
+            uplink, query_bytes, answer_bytes = _verbs_leave_inputs(
+                strategy, strategy.local_period, cloud
+            )
         checks.property = "simulate"
         first, taken = _simulate(strategy, 0, per_round, "vectorized")
         checks.property = "determinism"
@@ -213,7 +243,8 @@ def check_strategy(
             loop = _simulate(strategy_cls(task, settings), 0, per_round, "loop")[0]
             _same(_final(loop), _final(first), "final states and bytes", atol)
         checks.property = "bytes reported"
-        _bytes_reported(strategy, first, taken, wire_bytes(uplink))
+        up = wire_bytes(uplink) + query_bytes
+        _bytes_reported(strategy, first, taken, up, answer_bytes)
         checks.property = "score"
         scores = _score(strategy, first.cloud, first.devices)
         checks.property = "state round-trip"
