@@ -5,8 +5,8 @@ device–cloud strategy) for each seed, then prints one table, mean ± std over 
 NDCG@10, GAUC, full-ranking HR@10, tail and head NDCG@10, bytes up and down per device,
 on-device training FLOPs (forward and backward) per device, requests per device, and the
 p-value of a paired t-test of NDCG@10 against ``cloud_only`` over the seeds. Request policies
-are measured by ``benchmarks/request_policies.py``; pass its output with ``--policies`` to put
-its request share in the headline.
+are measured by ``benchmarks/request_policies.py``; pass the ``request_share_at_995`` of its
+last line with ``--request-share`` to put it in the headline.
 
     python benchmarks/paradigms_ml100k.py --data-dir ../shared/data [--seeds 5] [--only a,b]
 
@@ -84,7 +84,7 @@ def _short(value: float) -> str:
     return f"{value:.0f}"
 
 
-def report(results: list[StrategyResult], console: Console, policies: Path | None) -> None:
+def report(results: list[StrategyResult], console: Console, request_share: float) -> None:
     """The table, then the headline line."""
     rows = aggregate(results)
     seeds = sorted({r.seed for r in results})
@@ -113,9 +113,7 @@ def report(results: list[StrategyResult], console: Console, policies: Path | Non
         f"{best}_mean_gain": _gain(rows, best, "ndcg@10"),
     }
     console.print("best strategy's gain over cloud_only (NDCG@10): " + json.dumps(gains))
-    share = math.nan
-    if policies is not None and policies.exists():
-        share = float(json.loads(policies.read_text()).get("request_share_at_995", math.nan))
+    share = request_share
     duet = ndcg.get("duet", math.nan) / ndcg.get("finetune", math.nan)
     print(
         f"paradigms_ml100k: cloud_only_ndcg10={ndcg.get(REFERENCE, math.nan):.4f} "
@@ -159,12 +157,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", nargs="+", type=Path, help="only report these run folders")
-    parser.add_argument("--policies", type=Path, default=None, help="request_policies.json")
+    parser.add_argument(
+        "--request-share",
+        type=float,
+        default=math.nan,
+        help="request_share_at_995 from benchmarks/request_policies.py",
+    )
     args = parser.parse_args()
     console = Console(width=200)
     if args.report:
         results = [r for folder in args.report for r in load_strategy_results(folder)]
-        report(results, console, args.policies)
+        report(results, console, args.request_share)
         return
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     data = apply_overrides(
@@ -185,7 +188,7 @@ def main() -> None:
         config, run_dir, CallbackList([RunWriter(title=config.name), RichProgress(console=console)])
     )
     console.print(f"run folder: {run_dir}")
-    report(results, console, args.policies)
+    report(results, console, args.request_share)
 
 
 if __name__ == "__main__":

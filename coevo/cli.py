@@ -378,6 +378,24 @@ def device(
     attack_start_round: AttackStartOption = 0,
     attack_seed: AttackSeedOption = 0,
     secagg: SecAggOption = False,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="After training, serve the device period locally under this request policy "
+            "(always, never, periodic, random, intellectreq), asking the cloud when it says so.",
+        ),
+    ] = None,
+    policy_settings: Annotated[
+        str, typer.Option("--policy-settings", help='The policy\'s config as JSON: {"every": 3}')
+    ] = "",
+    policy_weights: Annotated[
+        Path | None,
+        typer.Option("--policy-weights", help="Safetensors of a learned policy's parameters."),
+    ] = None,
+    sessions: Annotated[
+        int, typer.Option("--sessions", help="Sessions of the device period under --policy.")
+    ] = 5,
 ) -> None:
     """Run one device: register, train each round it is given, upload, then infer."""
     import asyncio
@@ -389,6 +407,16 @@ def device(
     if infer not in ("onnx", "torch", "none"):
         _fail(f"--infer: unknown mode {infer!r}; choose one of: onnx, torch, none")
     spec = _attack_spec(attack, attack_scale, attack_start_round, attack_seed)
+    requester = None
+    if policy is not None:
+        from coevo.serve.policy import build_policy
+
+        try:
+            requester = build_policy(policy, policy_settings, policy_weights)
+        except (KeyError, ValueError) as error:
+            _fail(f"--policy: {error}")
+    if sessions < 1:
+        _fail(f"--sessions: {sessions} must be >= 1")
     service, adversary = None, None
     if spec is not None:
         from coevo.serve.launch import _fetch_config
@@ -411,6 +439,8 @@ def device(
                 infer=infer,  # type: ignore[arg-type]
                 attack=adversary,
                 secagg=secagg,
+                policy=requester,
+                sessions=sessions,
             )
             return await runtime.run()
 

@@ -10,6 +10,8 @@ Endpoints (all JSON unless said otherwise; errors are ``{"detail": "<field>: <pr
 - ``POST /v1/checkin`` train, wait (``retry_after_s`` and ``Retry-After``) or done;
 - ``PUT /v1/rounds/{round}/update`` one update (safetensors body), persisted before the 200;
 - ``POST /v1/infer`` cloud inference: scores for candidates after a history;
+- ``GET /v1/stream/items`` and ``POST /v1/stream/user``: the catalogue and a fresh user
+  representation for devices that serve locally under a request policy (``coevo.serve.policy``);
 - with ``serve.secagg``: ``POST /v1/secagg/{round}/join`` and ``PUT``/``GET``
   ``/v1/secagg/{round}/{keys,shares,masked,unmask}`` (``coevo.serve.secagg``);
 - ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /openapi.json``.
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 from coevo.serve.inference import score_request
+from coevo.serve.policy import add_routes as add_stream_routes
 from coevo.serve.rounds import Coordinator, Rejected
 from coevo.types import Payload
 
@@ -273,6 +276,8 @@ def create_app(coordinator: Coordinator, run_config: dict[str, Any] | None = Non
         return PlainTextResponse(
             metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
+
+    add_stream_routes(app, coordinator, authenticate, lambda name: metrics.inc(name))
 
     if settings.secagg is not None:
         from coevo.serve.secagg import SecAggRounds, add_routes

@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coevo.config import RunConfig
+from coevo.policies import Policy
 from coevo.serve.attack import DeviceAttack
+from coevo.serve.policy import StreamReport, serve_stream
 from coevo.serve.settings import Service, build_service
 from coevo.serve.wire import decode_payload, encode_payload
 from coevo.sim.batching import cohort_batch
@@ -54,6 +56,7 @@ class DeviceReport:
     inference: str = "none"
     hit_at_10: bool | None = None
     test_scores: list[float] = field(default_factory=list)
+    stream: StreamReport | None = None
 
 
 @dataclass
@@ -117,6 +120,10 @@ class DeviceRuntime:
         rng: jitter of the backoff.
         attack: run this attack instead of the honest ``local`` (a malicious device).
         secagg: take part in secure-aggregation rounds (masked uploads) instead of plain ones.
+        policy: when done training, serve the device period as ``sessions`` sessions locally,
+            asking the cloud for a fresh user representation before each session this request
+            policy picks (``coevo.serve.policy``).
+        sessions: sessions of the device period served under ``policy``.
     """
 
     def __init__(
@@ -133,7 +140,13 @@ class DeviceRuntime:
         rng: random.Random | None = None,
         attack: DeviceAttack | None = None,
         secagg: bool = False,
+        policy: Policy | None = None,
+        sessions: int = 5,
     ) -> None:
+        if sessions < 1:
+            raise ValueError(f"sessions: {sessions} must be >= 1")
+        self.policy = policy
+        self.sessions = sessions
         self.infer = infer
         self.attack = attack
         self.secagg = secagg
@@ -242,7 +255,18 @@ class DeviceRuntime:
                 continue
             await self._train(service, state, answer, headers)
         self._infer(service, state)
+        if self.policy is not None:
+            self.report.stream = await serve_stream(self, self.policy, self.sessions, headers)
         return self.report
+
+    async def serve_sessions(self, policy: Policy, sessions: int) -> StreamReport:
+        """Register if needed, then serve ``sessions`` sessions under ``policy`` (no training)."""
+        state = LocalState.load(self.state_file)
+        await self._setup(state)
+        assert state.token is not None
+        report = await serve_stream(self, policy, sessions, self._auth(state.token))
+        self.report.stream = report
+        return report
 
     async def _train(
         self, service: Service, state: LocalState, answer: dict[str, Any], headers: dict[str, str]
