@@ -125,6 +125,8 @@ class SimulationConfig(BaseModel):
     # Fixed cost of one vectorised step in device-steps: blocks are cut to balance it
     # against padding (0: fewest padded steps; large: fewest blocks).
     block_overhead: float = Field(64.0, ge=0.0, le=1_000_000.0)
+    # Account every round as SecAgg+ (masked uplinks, key and share exchange, extra round trips).
+    secure_aggregation: bool = False
     # Keep per-device state in memory-mapped files under the run folder (huge fleets).
     memory_map_state: bool = False
     # Devices merged per round (null: all); fewer is cheaper per round, noisier.

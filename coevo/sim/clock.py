@@ -54,12 +54,14 @@ def settle_round(
     target: int,
     deadline_s: float | None,
     generator: torch.Generator,
+    extra_round_trips: int = 0,
 ) -> RoundOutcome:
     """Decide which of ``cohort`` report this round and when the round ends.
 
     Without a fleet every device reports instantly (no clock). With one, devices that drop
     out mid-round or finish after ``deadline_s`` never report, and only the ``target`` fastest
-    of the rest are merged (over-selection discards the stragglers).
+    of the rest are merged (over-selection discards the stragglers). ``extra_round_trips``
+    adds that many of each device's round-trip times (a protocol's additional exchanges).
     """
     n = len(cohort)
     if fleet is None:
@@ -73,7 +75,7 @@ def settle_round(
         torch.full((n,), float(bytes_up), dtype=torch.float64),
     )
     dropped = fleet.availability.dropouts(cohort, generator)
-    finish = cost.total_s.clone()
+    finish = cost.total_s + extra_round_trips * profiles.rtt_s
     late = torch.zeros(n, dtype=torch.bool)
     if deadline_s is not None:
         late = (finish > deadline_s) & ~dropped

@@ -83,6 +83,7 @@ def simulation_options(
         "backend": sim.backend,
         "block_size": sim.block_size,
         "block_overhead": sim.block_overhead,
+        "secure_aggregation": sim.secure_aggregation,
         "devices_per_round": sim.devices_per_round,
         "over_selection": sim.over_selection,
         "deadline_s": sim.deadline_s,

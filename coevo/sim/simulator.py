@@ -56,6 +56,16 @@ def select_cohort(candidates: torch.Tensor, size: int | None, rng: torch.Generat
     return torch.sort(candidates[torch.randperm(len(candidates), generator=rng)[:size]]).values
 
 
+def _secagg_cost(cohort: int, uplinks: dict[str, torch.Tensor]):
+    """SecAgg+'s per-device cost for a cohort sending these (stacked) uplinks."""
+    from coevo.codecs.secagg import neighbour_degree, secagg_cost
+
+    # The masked vector is the weighted update and the weight (as the service sends it).
+    values = sum(tensor[0].numel() for tensor in uplinks.values()) + 1
+    degree = min(neighbour_degree(cohort), cohort - 1)
+    return secagg_cost(cohort, degree, values)
+
+
 def _executor(backend: Backend) -> Executor:
     if backend == "ray":
         from coevo.sim.ray_backend import RayExecutor
@@ -86,6 +96,7 @@ def simulate(
     checkpoint: str | None = None,
     executor: Executor | None = None,
     device_state_dir: str | None = None,
+    secure_aggregation: bool = False,
 ) -> SimulationResult:
     """Run ``strategy`` for its rounds and return the final states and accounting.
 
@@ -110,6 +121,10 @@ def simulate(
             folder (`coevo.sim.device_store`), for fleets whose state outgrows memory; with
             ``checkpoint``, a resumed run reopens them, undoing a round that wrote its rows
             but not its checkpoint.
+        secure_aggregation: account each round as SecAgg+ (`coevo.codecs.secagg`): every
+            device's uplink is its masked fixed-point vector plus the protocol's keys and
+            shares, its downlink gains its neighbours' keys and shares, and the round takes
+            the protocol's extra round trips; bytes are the protocol's exact message lengths.
     """
     task = strategy.task
     num_devices = task.num_devices
@@ -241,6 +256,11 @@ def simulate(
                 )
             own_codec_state = {k: v[by_steps] for k, v in codec_state.items()}
             decoded, new_codec_state, up_bytes = send_up(uplink_codec, uplinks, own_codec_state)
+            extra_round_trips = 0
+            if secure_aggregation and len(by_steps) > 1:
+                protocol = _secagg_cost(len(by_steps), uplinks)
+                up_bytes, down_bytes = protocol.bytes_up, down_bytes + protocol.bytes_down
+                extra_round_trips = protocol.round_trips - 1
             examples = counts[by_steps].double() * local.epochs
             flops = examples * (forward_per_example + backward_per_example)
             outcome = settle_round(
@@ -252,6 +272,7 @@ def simulate(
                 target=target,
                 deadline_s=deadline_s,
                 generator=rng,
+                extra_round_trips=extra_round_trips,
             )
             bytes_down[by_steps] += down_bytes
             reporters = by_steps[outcome.reported]

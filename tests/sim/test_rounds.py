@@ -139,3 +139,25 @@ def test_clock_charges_bytes_and_selection_respects_availability(task):
     assert 0 < len(took_part) < task.num_devices
     start = records[0]["virtual_seconds"] - records[0]["round_seconds"]
     assert night.available(start)[took_part].all()
+
+
+def test_secure_aggregation_costs_the_protocols_exact_bytes_and_round_trips(task):
+    from coevo.codecs.secagg import ROUND_TRIPS, neighbour_degree, secagg_cost
+
+    strategy = _fedavg(task, rounds=1)
+    fleet = _fleet(task)
+    plain = simulate(strategy, torch.Generator().manual_seed(0), fleet=fleet)
+    secure = simulate(
+        strategy, torch.Generator().manual_seed(0), fleet=fleet, secure_aggregation=True
+    )
+    n = task.num_devices
+    cloud = strategy.init(torch.Generator().manual_seed(0))
+    values = sum(cloud[k].numel() for k in strategy.shared) + 1
+    want = secagg_cost(n, min(neighbour_degree(n), n - 1), values)
+    assert torch.all(secure.bytes_up == want.bytes_up)
+    assert torch.all(secure.bytes_down == plain.bytes_down + want.bytes_down)
+    # The extra exchanges cost round trips on the virtual clock; the model is the same.
+    rtt = fleet.profiles.rtt_s
+    assert secure.virtual_seconds >= plain.virtual_seconds + (ROUND_TRIPS - 1) * float(rtt.min())
+    for k, v in plain.cloud.tensors.items():
+        assert torch.equal(v, secure.cloud[k]), k
