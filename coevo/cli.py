@@ -365,6 +365,40 @@ def _attack_spec(name: str | None, scale: float | None, start_round: int, seed: 
     return spec
 
 
+PolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--policy",
+        help="After training, serve the device period locally under this request policy "
+        "(always, never, periodic, random, intellectreq), asking the cloud when it says so.",
+    ),
+]
+PolicySettingsOption = Annotated[
+    str, typer.Option("--policy-settings", help='The policy\'s config as JSON: {"every": 3}')
+]
+PolicyWeightsOption = Annotated[
+    Path | None,
+    typer.Option("--policy-weights", help="Safetensors of a learned policy's parameters."),
+]
+SessionsOption = Annotated[
+    int, typer.Option("--sessions", help="Sessions of the device period under --policy.")
+]
+
+
+def _request_policy(policy: str | None, settings: str, weights: Path | None, sessions: int) -> Any:
+    """The request policy the options name (None without --policy); errors name the option."""
+    if sessions < 1:
+        _fail(f"--sessions: {sessions} must be >= 1")
+    if policy is None:
+        return None
+    from coevo.serve.policy import build_policy
+
+    try:
+        return build_policy(policy, settings, weights)
+    except (KeyError, ValueError) as error:
+        _fail(f"--policy: {error}")
+
+
 @app.command()
 def device(
     server: ServerOption,
@@ -378,24 +412,10 @@ def device(
     attack_start_round: AttackStartOption = 0,
     attack_seed: AttackSeedOption = 0,
     secagg: SecAggOption = False,
-    policy: Annotated[
-        str | None,
-        typer.Option(
-            "--policy",
-            help="After training, serve the device period locally under this request policy "
-            "(always, never, periodic, random, intellectreq), asking the cloud when it says so.",
-        ),
-    ] = None,
-    policy_settings: Annotated[
-        str, typer.Option("--policy-settings", help='The policy\'s config as JSON: {"every": 3}')
-    ] = "",
-    policy_weights: Annotated[
-        Path | None,
-        typer.Option("--policy-weights", help="Safetensors of a learned policy's parameters."),
-    ] = None,
-    sessions: Annotated[
-        int, typer.Option("--sessions", help="Sessions of the device period under --policy.")
-    ] = 5,
+    policy: PolicyOption = None,
+    policy_settings: PolicySettingsOption = "",
+    policy_weights: PolicyWeightsOption = None,
+    sessions: SessionsOption = 5,
 ) -> None:
     """Run one device: register, train each round it is given, upload, then infer."""
     import asyncio
@@ -407,16 +427,7 @@ def device(
     if infer not in ("onnx", "torch", "none"):
         _fail(f"--infer: unknown mode {infer!r}; choose one of: onnx, torch, none")
     spec = _attack_spec(attack, attack_scale, attack_start_round, attack_seed)
-    requester = None
-    if policy is not None:
-        from coevo.serve.policy import build_policy
-
-        try:
-            requester = build_policy(policy, policy_settings, policy_weights)
-        except (KeyError, ValueError) as error:
-            _fail(f"--policy: {error}")
-    if sessions < 1:
-        _fail(f"--sessions: {sessions} must be >= 1")
+    requester = _request_policy(policy, policy_settings, policy_weights, sessions)
     service, adversary = None, None
     if spec is not None:
         from coevo.serve.launch import _fetch_config
@@ -471,6 +482,10 @@ def devices(
         typer.Option("--malicious-share", help="Share of the N devices that run --attack."),
     ] = 1.0,
     secagg: SecAggOption = False,
+    policy: PolicyOption = None,
+    policy_settings: PolicySettingsOption = "",
+    policy_weights: PolicyWeightsOption = None,
+    sessions: SessionsOption = 5,
 ) -> None:
     """Start N device processes on this machine against SERVER and wait for them all."""
     from coevo.serve.attack import malicious_indices
@@ -479,6 +494,7 @@ def devices(
     if infer not in ("onnx", "torch", "none"):
         _fail(f"--infer: unknown mode {infer!r}; choose one of: onnx, torch, none")
     indices = list(range(first, first + num_devices))
+    requester = _request_policy(policy, policy_settings, policy_weights, sessions)
     spec = _attack_spec(attack, attack_scale, attack_start_round, attack_seed)
     malicious = None
     if spec is not None:
@@ -497,6 +513,8 @@ def devices(
         attack=spec,
         malicious=malicious,
         secagg=secagg,
+        policy=requester,
+        sessions=sessions,
     )
     failed = [first + i for i, code in enumerate(codes) if code != 0]
     if failed:

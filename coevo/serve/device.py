@@ -388,8 +388,11 @@ async def run_device(
     infer: InferMode = "onnx",
     attack: DeviceAttack | None = None,
     secagg: bool = False,
+    policy: Any = None,
+    sessions: int = 5,
 ) -> DeviceReport:
-    """Run one device against ``server`` (a URL) until training is done."""
+    """Run one device against ``server`` (a URL) until training is done (then, with a request
+    ``policy``, serve ``sessions`` sessions under it)."""
     async with httpx.AsyncClient(base_url=server, timeout=60.0) as client:
         runtime = DeviceRuntime(
             client,
@@ -401,5 +404,7 @@ async def run_device(
             infer=infer,
             attack=attack,
             secagg=secagg,
+            policy=policy,
+            sessions=sessions,
         )
         return await runtime.run()

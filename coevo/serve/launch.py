@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -64,6 +65,8 @@ def _device_main(
     infer: InferMode,
     attack: DeviceAttack | None = None,
     secagg: bool = False,
+    policy: Any = None,
+    sessions: int = 5,
 ) -> None:
     from coevo.serve.device import DeviceError, run_device
 
@@ -78,6 +81,8 @@ def _device_main(
                 infer=infer,
                 attack=attack,
                 secagg=secagg,
+                policy=policy,
+                sessions=sessions,
             )
         )
     except DeviceError as error:
@@ -102,10 +107,13 @@ def launch_devices(
     attack: AttackSpec | None = None,
     malicious: set[int] | None = None,
     secagg: bool = False,
+    policy: Any = None,
+    sessions: int = 5,
 ) -> list[int]:
     """Run one device process per index until all finish; returns their exit codes.
 
-    With ``attack``, the devices in ``malicious`` (all of them when ``None``) run it.
+    With ``attack``, the devices in ``malicious`` (all of them when ``None``) run it. With a
+    request ``policy``, every device serves ``sessions`` sessions under it after training.
     """
     import torch
 
@@ -129,6 +137,8 @@ def launch_devices(
                 infer,
                 adversary if malicious is None or i in malicious else None,
                 secagg,
+                policy,
+                sessions,
             ),
             name=f"coevo-device-{i}",
         )

@@ -279,3 +279,8 @@ def test_the_device_command_checks_its_policy_before_connecting(tmp_path, option
     result = CliRunner().invoke(cli_app, arguments)
     assert result.exit_code == 2
     assert named in result.output
+    # The launcher takes the same options and checks them before starting any process.
+    launcher = ["devices", "--server", "http://127.0.0.1:9", "-n", "2", *options]
+    result = CliRunner().invoke(cli_app, [*launcher, "--state-dir", str(tmp_path / "many")])
+    assert result.exit_code == 2
+    assert named in result.output
