@@ -23,7 +23,6 @@ import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +35,7 @@ from coevo.report import (
     StrategyResult,
     aggregate,
     format_mean_std,
-    load_results,
+    load_strategy_results,
 )
 from coevo.sim.experiment import build_task, load_log, run, run_dir_for, strategy_configs
 from coevo.sim.simulator import simulate
@@ -126,22 +125,6 @@ def main() -> None:
     )
     console.print(f"run folder: {run_dir}; strategies: {config.strategies}")
     report(results, console)
-
-
-def load_strategy_results(folder: Path) -> list[StrategyResult]:
-    """StrategyResults (metrics and cost only) from a run folder's results.json."""
-    return [
-        StrategyResult(
-            strategy=r["strategy"],
-            seed=r["seed"],
-            metrics=r["metrics"],
-            per_device={},
-            group=np.zeros(0, dtype=np.int64),
-            cost=r["cost"],
-            note=r.get("note", ""),
-        )
-        for r in load_results(folder)
-    ]
 
 
 def report(results: list[StrategyResult], console: Console) -> None:

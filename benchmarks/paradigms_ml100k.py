@@ -41,7 +41,7 @@ from coevo.report import (
     StrategyResult,
     aggregate,
     format_mean_std,
-    load_results,
+    load_strategy_results,
 )
 from coevo.sim.experiment import run, run_dir_for, strategy_configs
 
@@ -128,22 +128,6 @@ def _gain(rows: list, name: str, key: str) -> float:
     if name not in mean or REFERENCE not in mean:
         return math.nan
     return round(mean[name][key] - mean[REFERENCE][key], 4)
-
-
-def load_strategy_results(folder: Path) -> list[StrategyResult]:
-    """StrategyResults (metrics and cost only) from a run folder's results.json."""
-    return [
-        StrategyResult(
-            strategy=r["strategy"],
-            seed=r["seed"],
-            metrics=r["metrics"],
-            per_device={},
-            group=np.zeros(0, dtype=np.int64),
-            cost=r["cost"],
-            note=r.get("note", ""),
-        )
-        for r in load_results(folder)
-    ]
 
 
 def main() -> None:

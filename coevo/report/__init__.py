@@ -24,7 +24,7 @@ from coevo.report.tables import (
     markdown_table,
     rich_table,
 )
-from coevo.report.writer import RunWriter, load_results
+from coevo.report.writer import RunWriter, load_results, load_strategy_results
 
 __all__ = [
     "COST_KEYS",
@@ -43,6 +43,7 @@ __all__ = [
     "format_flops",
     "format_mean_std",
     "load_results",
+    "load_strategy_results",
     "markdown_table",
     "plot_device_distribution",
     "plot_quality_by_group",

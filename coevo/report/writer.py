@@ -85,6 +85,26 @@ def load_results(run_dir: Path | str) -> list[dict[str, Any]]:
     return results
 
 
+def load_strategy_results(run_dir: Path | str) -> list[StrategyResult]:
+    """A run folder's results as `StrategyResult`s (metrics, cost and note; no per-device data).
+
+    Raises:
+        FileNotFoundError: as `load_results`.
+    """
+    return [
+        StrategyResult(
+            strategy=r["strategy"],
+            seed=r["seed"],
+            metrics=r["metrics"],
+            per_device={},
+            group=np.zeros(0, dtype=np.int64),
+            cost=r["cost"],
+            note=r.get("note", ""),
+        )
+        for r in load_results(run_dir)
+    ]
+
+
 class RunWriter(Callback):
     """Writes a run folder as the run goes, so that a crash keeps everything finished so far.
 

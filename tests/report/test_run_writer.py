@@ -6,7 +6,14 @@ import pytest
 import torch
 import yaml
 
-from coevo.report import CallbackList, RunInfo, RunWriter, StrategyResult, load_results
+from coevo.report import (
+    CallbackList,
+    RunInfo,
+    RunWriter,
+    StrategyResult,
+    load_results,
+    load_strategy_results,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("quality_by_strategy.png", "quality_by_group.png", "device_distribution.png")
@@ -67,6 +74,11 @@ def test_writer_produces_a_complete_run_folder(run_info, results):
     assert [(r["strategy"], r["seed"]) for r in loaded] == [(r.strategy, r.seed) for r in results]
     assert loaded[0]["metrics"]["hr@10"] == pytest.approx(0.60)
     assert loaded[4]["note"] == "privacy-free upper bound"
+    again = load_strategy_results(run_dir)
+    assert [(r.strategy, r.seed, r.note) for r in again] == [
+        (r.strategy, r.seed, r.note) for r in results
+    ]
+    assert again[0].metrics["hr@10"] == pytest.approx(0.60) and again[0].cost == results[0].cost
 
     report = (run_dir / "report.md").read_text()
     for name in ("cloud_only", "finetune", "central_oracle", "privacy-free upper bound"):
