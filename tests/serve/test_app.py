@@ -118,7 +118,8 @@ def test_a_corrupted_model_blob_is_detected(tmp_path: Path) -> None:
 
 
 def test_onnx_download_scores_like_pytorch(served) -> None:
-    export = pytest.importorskip("coevo.export")
+    from coevo import export
+
     app, coordinator, _ = served
     response = call(app, "GET", "/v1/model", params={"format": "onnx"})
     assert response.status_code == 200, response.text
