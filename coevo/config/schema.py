@@ -127,6 +127,9 @@ class SimulationConfig(BaseModel):
     block_overhead: float = Field(64.0, ge=0.0, le=1_000_000.0)
     # Account every round as SecAgg+ (masked uplinks, key and share exchange, extra round trips).
     secure_aggregation: bool = False
+    # With secure_aggregation and a robust strategy: SecAgg+ groups per round; the robust
+    # aggregator combines the group means (at least 3; the cloud learns one sum per group).
+    secure_groups: int = Field(1, ge=1, le=10_000)
     # Keep per-device state in memory-mapped files under the run folder (huge fleets).
     memory_map_state: bool = False
     # Devices merged per round (null: all); fewer is cheaper per round, noisier.

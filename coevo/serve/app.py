@@ -280,7 +280,8 @@ def create_app(coordinator: Coordinator, run_config: dict[str, Any] | None = Non
     add_stream_routes(app, coordinator, authenticate, lambda name: metrics.inc(name))
 
     if settings.secagg is not None:
-        from coevo.serve.secagg import SecAggRounds, add_routes
+        from coevo.serve.secagg import SecAggRounds
+        from coevo.serve.secagg_http import add_routes
 
         if coordinator.secagg is None:
             coordinator.secagg = SecAggRounds(coordinator, settings.secagg)

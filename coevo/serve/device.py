@@ -301,7 +301,7 @@ class DeviceRuntime:
         )
         num_examples = int(offsets[self.device_index + 1] - offsets[self.device_index])
         if self.secagg:
-            from coevo.serve.secagg import secagg_upload
+            from coevo.serve.secagg_http import secagg_upload
 
             if not await secagg_upload(self, round, uplink, num_examples, headers):
                 return

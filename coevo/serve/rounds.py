@@ -503,11 +503,24 @@ class Coordinator:
         For a strategy whose merge is a weighted mean of the uplinks (the FedAvg family) this is
         the merge of the individual updates. Raises ``Rejected`` when ``round`` is not open.
         """
+        self.merge_aggregates(
+            round, {k: v[None] for k, v in update.items()}, torch.tensor([weight])
+        )
+
+    def merge_aggregates(
+        self, round: int, updates: dict[str, torch.Tensor], weights: torch.Tensor
+    ) -> None:
+        """Merge several weighted mean updates of a round, each aggregated outside the Store
+        (the group sums of grouped secure aggregation), stacked ``[groups, ...]`` with their
+        merge weights ``[groups]``: one row per group, as if one device per group had sent its
+        group's mean. A robust strategy's aggregator then combines the group means.
+
+        Raises ``Rejected`` when ``round`` is not open.
+        """
         with self._lock:
             if self.finished or self.asynchronous or round != self.version:
                 raise Rejected(409, f"round: {round} is not the open round ({self.version})")
-            stacked = {k: v[None] for k, v in update.items()}
-            cloud = self.strategy.merge(self.cloud, Payload(stacked), torch.tensor([weight]))
+            cloud = self.strategy.merge(self.cloud, Payload(updates), weights)
             self.store.commit_merge(self.version + 1, cloud, [], {})
             self.cloud, self.version = cloud, self.version + 1
             self.merges += 1

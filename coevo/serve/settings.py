@@ -39,6 +39,12 @@ class SecAggSettings(BaseModel):
     # Seconds each protocol phase waits for the devices still in; then it goes on without
     # the missing ones (they count as dropped).
     phase_timeout_s: float = Field(30.0, gt=0, le=86_400)
+    # Independent SecAgg+ sessions per round: the devices of a round are split into `groups`
+    # (each block of `groups` joiners spread over them in a random order); the server learns
+    # only each group's sum, never one device's update, and the strategy merges the group
+    # means, so a robust aggregator (`name: robust`) combines them. More groups: stronger
+    # robustness, but each sum hides only ~capacity / groups devices (at least 2 per group).
+    groups: int = Field(1, ge=1, le=10_000)
 
 
 class ServeSettings(BaseModel):

@@ -84,6 +84,7 @@ def simulation_options(
         "block_size": sim.block_size,
         "block_overhead": sim.block_overhead,
         "secure_aggregation": sim.secure_aggregation,
+        "secure_groups": sim.secure_groups,
         "devices_per_round": sim.devices_per_round,
         "over_selection": sim.over_selection,
         "deadline_s": sim.deadline_s,

@@ -66,6 +66,38 @@ def _secagg_cost(cohort: int, uplinks: dict[str, torch.Tensor]):
     return secagg_cost(cohort, degree, values)
 
 
+def secure_group_means(
+    uplinks: dict[str, torch.Tensor], weights: torch.Tensor, groups: int, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What grouped secure aggregation reveals: each group's weighted mean uplink and weight.
+
+    The reporters are dealt at random into ``min(groups, reporters)`` groups whose sizes differ
+    by at most one. Returns ``({name: [groups, ...]}, weights [groups])``.
+
+    Raises:
+        ValueError: when an uplink tensor is not floating point (SecAgg+ sums real vectors).
+    """
+    for name, tensor in uplinks.items():
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"simulation.secure_aggregation: uplink {name!r} is {tensor.dtype}; secure "
+                "aggregation sums floating-point updates only"
+            )
+    count = len(weights)
+    groups = min(groups, count)
+    group = torch.empty(count, dtype=torch.long)
+    group[torch.randperm(count, generator=generator)] = torch.arange(count) % groups
+    totals = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, weights.double())
+    means = {}
+    for name, tensor in uplinks.items():
+        weighted = tensor.double() * weights.double().view(-1, *([1] * (tensor.dim() - 1)))
+        sums = torch.zeros((groups, *tensor.shape[1:]), dtype=torch.float64)
+        sums.index_add_(0, group, weighted)
+        shape = (-1, *([1] * (tensor.dim() - 1)))
+        means[name] = (sums / totals.clamp(min=1e-12).view(shape)).to(tensor.dtype)
+    return means, totals.to(weights.dtype)
+
+
 def _executor(backend: Backend) -> Executor:
     if backend == "ray":
         from coevo.sim.ray_backend import RayExecutor
@@ -97,6 +129,7 @@ def simulate(
     executor: Executor | None = None,
     device_state_dir: str | None = None,
     secure_aggregation: bool = False,
+    secure_groups: int = 1,
 ) -> SimulationResult:
     """Run ``strategy`` for its rounds and return the final states and accounting.
 
@@ -125,9 +158,27 @@ def simulate(
             device's uplink is its masked fixed-point vector plus the protocol's keys and
             shares, its downlink gains its neighbours' keys and shares, and the round takes
             the protocol's extra round trips; bytes are the protocol's exact message lengths.
+        secure_groups: with ``secure_aggregation`` and a robust strategy, the cohort's
+            reporters are split at random into this many SecAgg+ groups (as the Service's
+            ``serve.secagg.groups``): the cloud learns each group's weighted mean only, and
+            the robust aggregator combines those (at least 3). Bytes are each group's own.
     """
     task = strategy.task
     num_devices = task.num_devices
+    from coevo.aggregators.robust import Robust
+
+    grouped = secure_aggregation and isinstance(strategy, Robust)
+    if grouped and secure_groups < 3:
+        raise ValueError(
+            "simulation.secure_groups: under secure aggregation a robust strategy's aggregator "
+            f"sees one mean per group, so it needs at least 3 groups, got {secure_groups}"
+        )
+    if secure_groups > 1 and not grouped:
+        raise ValueError(
+            "simulation.secure_groups: groups serve a robust strategy (name: robust) under "
+            f"secure_aggregation; {strategy.name} with secure_aggregation={secure_aggregation} "
+            "merges the devices' updates directly"
+        )
     if fleet is not None and len(fleet) != num_devices:
         raise ValueError(f"fleet has {len(fleet)} devices, the task {num_devices}")
     started = time.perf_counter()
@@ -258,7 +309,8 @@ def simulate(
             decoded, new_codec_state, up_bytes = send_up(uplink_codec, uplinks, own_codec_state)
             extra_round_trips = 0
             if secure_aggregation and len(by_steps) > 1:
-                protocol = _secagg_cost(len(by_steps), uplinks)
+                largest = -(-len(by_steps) // secure_groups)
+                protocol = _secagg_cost(max(largest, 2), uplinks)
                 up_bytes, down_bytes = protocol.bytes_up, down_bytes + protocol.bytes_down
                 extra_round_trips = protocol.round_trips - 1
             examples = counts[by_steps].double() * local.epochs
@@ -289,6 +341,9 @@ def simulate(
             if len(reporters):
                 everyone = bool(outcome.reported.all())
                 merged = {k: v if everyone else v[outcome.reported] for k, v in decoded.items()}
+                if grouped:
+                    shuffle = torch.Generator().manual_seed((seed + round) % 2**62)
+                    merged, weights = secure_group_means(merged, weights, secure_groups, shuffle)
                 cloud = strategy.merge(cloud, Payload(merged), weights)
                 del merged
             del uplinks, decoded

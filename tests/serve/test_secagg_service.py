@@ -16,7 +16,7 @@ from test_parity import assert_same_model, simulated
 
 from coevo.codecs.secagg import SecAggClient, SecAggParams, decode_fixed, encode_fixed
 from coevo.serve import DeviceRuntime, encode_payload
-from coevo.serve.secagg import secagg_vector
+from coevo.serve.secagg_http import secagg_vector
 from coevo.types import Payload
 
 COHORT = 5
