@@ -104,8 +104,9 @@ class DcclConfig(BaseModel):
     # same number, so heavy users do not overfit by sheer step count.
     iterations: int = Field(20, ge=1, le=10_000)
     # ``epochs`` copies of the rows make the full batch (1 is enough); ``lr`` is Adam's step:
-    # small on MovieLens-100K, where larger ones hurt the head users.
-    local: LocalTraining = LocalTraining(epochs=1, lr=2e-2)
+    # 0.05 was best on MovieLens-100K validation HR@10 among 0.005, 0.02, 0.05, 0.1 and 0.2
+    # (seed 0); larger steps overfit the metapatch to the device's few rows.
+    local: LocalTraining = LocalTraining(epochs=1, lr=5e-2)
     distill: DistillSettings = DistillSettings()
 
 
