@@ -185,6 +185,16 @@ class SlowFast(Strategy):
         gates = trained["gates"]
         return Payload({"gates": gates}), DeviceState({"gates": gates}), {"loss": loss}
 
+    def device_flops_per_example(self) -> tuple[float, float]:
+        """A gate-tuning example: forward, its step's clicked items (the in-batch candidates)
+        against the window of recent clicks; backward, the softmax and the gates only (the
+        representations are inputs, not trained)."""
+        dim, window = self.task.shapes.cloud_dim, self.config.window
+        batch = self.config.local.batch_size
+        forward = 2.0 * window * dim * batch + 4.0 * window * batch
+        backward = (3.0 + 2.0 * NUM_GATES) * batch
+        return forward, backward
+
     def merge(self, cloud: CloudState, uplinks: Payload, weights: torch.Tensor) -> CloudState:
         share = weights / weights.sum().clamp(min=1e-12)
         return cloud.with_tensors(gates=(uplinks.tensors["gates"] * share[:, None]).sum(0))

@@ -88,3 +88,14 @@ def test_a_page_carries_scores_and_half_precision_representations(task):
 
 def test_slowfast_conforms(task):
     check_strategy(SlowFast, FAST, task=task, rounds=2)
+
+
+def test_device_training_flops_count_the_gates_only(task):
+    strategy = SlowFast(task, SlowFast.Config(window=4, local={"batch_size": 8}))
+    forward, backward = strategy.device_flops_per_example()
+    # Forward: 8 in-batch candidates against 4 recent clicks of cloud_dim numbers each.
+    assert forward == 2.0 * 4 * task.shapes.cloud_dim * 8 + 4.0 * 4 * 8
+    # Backward reaches the two gates only: no term grows with the representations' size.
+    assert backward == 7.0 * 8
+    assert backward < forward / 10
+    assert backward < task.train_flops_per_example() / 100
