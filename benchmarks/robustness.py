@@ -201,6 +201,7 @@ def main() -> None:
     log, source = load_log(args.data_dir, console)
     task = RecommendationTask(log, split_p1(log, args.seed), SHAPES)
     start = pretrain(task, args.pretrain, args.seed)
+    start_ndcg10 = ndcg10(task, FedAvg(task, FedAvg.Config(private=())), start)
     trigger, target = backdoor_items(task, args.seed)
     attacks = attack_specs(args.devices, trigger, target)
     shares = (0.2,) if args.quick else tuple(float(x) for x in args.shares.split(","))
@@ -208,7 +209,7 @@ def main() -> None:
         parser.error("--shares must include 0.2 (the headline's share)")
     console.print(
         f"{source}: {task.num_devices} devices, {task.num_items} items; pretrained NDCG@10 "
-        f"{ndcg10(task, FedAvg(task, FedAvg.Config(private=())), start):.4f}; backdoor trigger "
+        f"{start_ndcg10:.4f}; backdoor trigger "
         f"{trigger} -> target {target}; {args.rounds} rounds x {args.devices} devices"
         + (f"; secure aggregation in {args.secure_groups} groups" if args.secure_groups else "")
     )
@@ -224,7 +225,7 @@ def main() -> None:
                     task, start, args, spec, attack, share, (trigger, target)
                 )
             console.print(f"{attack_name} at {share:.0%}: {time.perf_counter() - started:.0f}s")
-    report(console, clean, cells, attacks, shares, time.perf_counter() - started)
+    report(console, clean, cells, attacks, shares, time.perf_counter() - started, start_ndcg10)
 
 
 def report(
@@ -234,6 +235,7 @@ def report(
     attacks: dict[str, dict[str, Any]],
     shares: tuple[float, ...],
     seconds: float,
+    start_ndcg10: float,
 ) -> None:
     """One table per attacker share (NDCG@10 drop; backdoor success), then the headline."""
     base = clean["mean"]["ndcg10"]
@@ -259,6 +261,15 @@ def report(
     share = 0.2
     defended = {n: worst_drop(n, share) for n in DEFENCES if n != "mean"}
     best = min(defended, key=defended.__getitem__)
+    # What the federated phase is worth: a defence that discarded every update would keep the
+    # pretrained start, so the share of the clean gain kept is the finer measure.
+    gain = base - start_ndcg10
+    kept = {n: (gain - defended[n]) / gain if gain > 0 else math.nan for n in defended}
+    console.print(
+        f"federated gain over the pretrained start {start_ndcg10:.4f}: {gain:+.4f}; share of it "
+        f"kept under the worst attack at {share:.0%}: "
+        + ", ".join(f"{n} {kept[n]:.0%}" for n in sorted(kept, key=kept.__getitem__, reverse=True))
+    )
     print(
         f"robustness: clean_ndcg10={base:.4f} "
         f"undefended_worst_drop_20={worst_drop('mean', share):.4f} "

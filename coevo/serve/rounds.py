@@ -496,17 +496,6 @@ class Coordinator:
         self.cloud, self.version = cloud, self.version + 1
         self.merges += 1
 
-    def merge_aggregate(self, round: int, update: dict[str, torch.Tensor], weight: float) -> None:
-        """Merge a round's weighted mean update, aggregated outside the Store (secure
-        aggregation), as if one device of merge weight ``weight`` had sent it.
-
-        For a strategy whose merge is a weighted mean of the uplinks (the FedAvg family) this is
-        the merge of the individual updates. Raises ``Rejected`` when ``round`` is not open.
-        """
-        self.merge_aggregates(
-            round, {k: v[None] for k, v in update.items()}, torch.tensor([weight])
-        )
-
     def merge_aggregates(
         self, round: int, updates: dict[str, torch.Tensor], weights: torch.Tensor
     ) -> None:
