@@ -49,6 +49,14 @@ def secagg_vector(tensors: Mapping[str, torch.Tensor], num_examples: int) -> np.
     return torch.cat([*parts, weight]).numpy()
 
 
+def client_from_join(joined: Mapping[str, Any]) -> SecAggClient:
+    """A device's protocol side for the round it joined (the ``POST .../join`` answer: its id,
+    neighbours and the public parameters of its group)."""
+    fields = ("num_devices", "degree", "threshold", "vector_len", "clip_range", "scale_bits")
+    params = SecAggParams(**{k: joined[k] for k in fields}, ring_bits=joined["ring_bits"])
+    return SecAggClient(joined["slot"], params, np.array(joined["neighbours"]))
+
+
 def add_routes(app: FastAPI, rounds: SecAggRounds, authenticate: Any) -> None:
     """The ``/v1/secagg/{round}/...`` endpoints of ``rounds`` on ``app``."""
     binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -121,17 +129,8 @@ async def secagg_upload(
     response = await runtime.request("POST", f"{base}/join", headers=headers)
     if await refused(response):
         return False
-    joined = response.json()
-    params = SecAggParams(
-        num_devices=joined["num_devices"],
-        degree=joined["degree"],
-        threshold=joined["threshold"],
-        vector_len=joined["vector_len"],
-        clip_range=joined["clip_range"],
-        scale_bits=joined["scale_bits"],
-        ring_bits=joined["ring_bits"],
-    )
-    client = SecAggClient(joined["slot"], params, np.array(joined["neighbours"]))
+    client = client_from_join(response.json())
+    params = client.params
     vector = secagg_vector(uplink.tensors, num_examples)
     if vector.shape != (params.vector_len,):
         raise SecAggError(f"update has {vector.size} values, the round expects {params.vector_len}")

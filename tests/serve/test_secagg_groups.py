@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from serve_helpers import NUM_DEVICES, asgi_client, make_app, tiny_config
-from test_parity import assert_same_model, simulated
+from serve_helpers import asgi_client, make_app, tiny_config
+from test_parity import assert_same_model
 from test_secagg_service import Clock, stored_blobs
 
 from coevo.codecs.secagg import SecAggClient, SecAggParams, decode_fixed, encode_fixed
 from coevo.config import ConfigError
-from coevo.serve import DeviceRuntime
-from coevo.serve.secagg_http import secagg_vector
+from coevo.serve.secagg_http import client_from_join, secagg_vector
 from coevo.types import CloudState, Payload
 
 TIMEOUT_S = 10.0
@@ -83,16 +82,7 @@ class GroupedCohort:
         joins = []
         for index in range(self.size):
             joined = (await client.post("/v1/secagg/0/join", headers=self.auth(index))).json()
-            fields = ("num_devices", "degree", "threshold", "vector_len")
-            params = SecAggParams(
-                **{k: joined[k] for k in fields},
-                clip_range=joined["clip_range"],
-                scale_bits=joined["scale_bits"],
-                ring_bits=joined["ring_bits"],
-            )
-            self.clients[index] = SecAggClient(
-                joined["slot"], params, np.array(joined["neighbours"])
-            )
+            self.clients[index] = client_from_join(joined)
             self.group[index] = joined["group"]
             joins.append(joined)
         return joins
@@ -411,32 +401,3 @@ def test_invalid_groups_name_the_field_and_the_limit(tmp_path: Path) -> None:
         GroupedCohort(tmp_path, size=5, groups=3)
     with pytest.raises(ConfigError, match=r"serve\.secagg\.groups"):
         GroupedCohort(tmp_path, size=5, groups=0, name="zero")
-
-
-def test_device_runtimes_with_two_groups_match_the_simulator(tmp_path: Path) -> None:
-    """20 device runtimes (unchanged device side), 3 rounds in 2 groups: plain FedAvg's
-    simulated model, and two masked vectors' worth of sessions per round."""
-    config = tiny_config(tmp_path / "serve.sqlite", **{"serve.secagg": {"groups": 2}})
-    app, coordinator = make_app(config)
-
-    async def run_fleet() -> list:
-        async with asgi_client(app) as client:
-            fleet = [
-                DeviceRuntime(
-                    client,
-                    i,
-                    tmp_path / f"d{i}.st",
-                    service=coordinator.service,
-                    infer="none",
-                    secagg=True,
-                )
-                for i in range(NUM_DEVICES)
-            ]
-            return await asyncio.gather(*(device.run() for device in fleet))
-
-    reports = asyncio.run(run_fleet())
-    assert all(report.rounds_trained == [0, 1, 2] for report in reports), reports
-    assert coordinator.version == 3
-    assert sorted(coordinator.secagg.group_totals(2)) == [0, 1]
-    assert_same_model(coordinator.cloud, simulated([]))
-    assert len(stored_blobs(tmp_path / "serve.sqlite")["secagg_masked"]) == 3 * NUM_DEVICES

@@ -14,9 +14,9 @@ import torch
 from serve_helpers import NUM_DEVICES, asgi_client, make_app, tiny_config
 from test_parity import assert_same_model, simulated
 
-from coevo.codecs.secagg import SecAggClient, SecAggParams, decode_fixed, encode_fixed
+from coevo.codecs.secagg import SecAggClient, decode_fixed, encode_fixed
 from coevo.serve import DeviceRuntime, encode_payload
-from coevo.serve.secagg_http import secagg_vector
+from coevo.serve.secagg_http import client_from_join, secagg_vector
 from coevo.types import Payload
 
 COHORT = 5
@@ -69,16 +69,7 @@ class Cohort:
             assert checked.json()["action"] == "train"
         for index in range(COHORT):
             joined = (await client.post("/v1/secagg/0/join", headers=self.auth(index))).json()
-            fields = ("num_devices", "degree", "threshold", "vector_len")
-            params = SecAggParams(
-                **{k: joined[k] for k in fields},
-                clip_range=joined["clip_range"],
-                scale_bits=joined["scale_bits"],
-                ring_bits=joined["ring_bits"],
-            )
-            self.clients[index] = SecAggClient(
-                joined["slot"], params, np.array(joined["neighbours"])
-            )
+            self.clients[index] = client_from_join(joined)
 
     async def phase(self, client: Any, phase: str, messages: dict[int, bytes]) -> dict[int, Any]:
         """Every device in ``messages`` sends its message; then each asks for the answer."""
@@ -216,10 +207,14 @@ def test_too_many_dropouts_fail_the_round_with_the_threshold_named(tmp_path: Pat
     assert again.status_code == 200 and again.json()["attempt"] == 1
 
 
-def test_device_runtimes_with_secure_aggregation_match_the_simulator(tmp_path: Path) -> None:
-    """20 device runtimes, 3 rounds, every update masked: the served model equals plain
-    FedAvg's simulated one (fixed point at 2^-24 keeps it within the parity tolerance)."""
-    config = tiny_config(tmp_path / "serve.sqlite", **{"serve.secagg": {}})
+@pytest.mark.parametrize("groups", [1, 2])
+def test_device_runtimes_with_secure_aggregation_match_the_simulator(
+    tmp_path: Path, groups: int
+) -> None:
+    """20 device runtimes, 3 rounds, every update masked, in one or two SecAgg+ groups (the
+    device side is the same): the served model equals plain FedAvg's simulated one (fixed
+    point at 2^-24 keeps it within the parity tolerance)."""
+    config = tiny_config(tmp_path / "serve.sqlite", **{"serve.secagg": {"groups": groups}})
     app, coordinator = make_app(config)
 
     async def run_fleet() -> list:
@@ -240,6 +235,7 @@ def test_device_runtimes_with_secure_aggregation_match_the_simulator(tmp_path: P
     reports = asyncio.run(run_fleet())
     assert all(report.rounds_trained == [0, 1, 2] for report in reports), reports
     assert coordinator.version == 3
+    assert sorted(coordinator.secagg.group_totals(2)) == list(range(groups))
     assert_same_model(coordinator.cloud, simulated([]))
     blobs = stored_blobs(tmp_path / "serve.sqlite")
     assert len(blobs["secagg_masked"]) == 3 * NUM_DEVICES
