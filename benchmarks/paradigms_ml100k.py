@@ -151,6 +151,10 @@ def main() -> None:
     console = Console(width=200)
     if args.report:
         results = [r for folder in args.report for r in load_strategy_results(folder)]
+        runs = [(r.strategy, r.seed) for r in results]
+        repeated = sorted({run for run in runs if runs.count(run) > 1})
+        if repeated:
+            sys.exit(f"--report: these (strategy, seed) runs appear twice: {repeated}")
         report(results, console, args.request_share)
         return
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
