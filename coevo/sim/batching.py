@@ -23,6 +23,21 @@ class Task(Protocol):
     def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+class Shuffle(Protocol):
+    """An order of each device's rows in an epoch, instead of the built-in hash.
+
+    ``shuffle(devices, counts, round, epoch)`` returns int64 sort keys for the block's rows,
+    device after device (``counts[i]`` rows of ``devices[i]``, each in its stored order): a
+    device's rows are visited by ascending key. For a reference workload whose order is
+    defined some other way (a numpy generator per device and round, say); it must depend on
+    the device, not on the block, for the backends to agree.
+    """
+
+    def __call__(
+        self, devices: torch.Tensor, counts: torch.Tensor, round: int, epoch: int
+    ) -> torch.Tensor: ...
+
+
 _MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
 _MIX_2 = -7723592293110705685  # 0x94D049BB133111EB as int64
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
@@ -53,12 +68,14 @@ def cohort_batch(
     seed: int,
     round: int = 0,
     sparse: Mapping[str, str] | None = None,
+    shuffle: Shuffle | None = None,
 ) -> DeviceBatch:
     """Stacked batches ``[len(devices), steps, batch, ...]`` for a block of devices.
 
     Device ``d`` takes ``epochs * ceil(n_d / batch_size)`` steps; each epoch is a fresh shuffle
-    and ends with a partly masked step. Devices with fewer steps are padded with fully masked
-    steps, which ``local_train`` skips, so a device trains the same whatever its block.
+    (`row_keys` of ``(seed, round, epoch, row)``, or ``shuffle``'s keys) and ends with a partly
+    masked step. Devices with fewer steps are padded with fully masked steps, which
+    ``local_train`` skips, so a device trains the same whatever its block.
     """
     start, end = offsets[devices], offsets[devices + 1]
     counts = end - start
@@ -71,7 +88,14 @@ def cohort_batch(
     )
     block_rows = rows[torch.repeat_interleave(start, counts) + position]
     for epoch in range(epochs):
-        keys = row_keys(block_rows, seed, round, epoch)
+        if shuffle is None:
+            keys = row_keys(block_rows, seed, round, epoch)
+        else:
+            keys = shuffle(devices, counts, round, epoch)
+            if keys.shape != block_rows.shape:
+                raise ValueError(
+                    f"shuffle returned {tuple(keys.shape)} keys for {len(block_rows)} rows"
+                )
         # Sort by key within each device: a stable sort on keys, then on owner.
         order = torch.argsort(keys, stable=True)
         order = order[torch.argsort(owner[order], stable=True)]

@@ -18,7 +18,7 @@ import torch
 
 from coevo.codecs import Codec
 from coevo.sim.asynchronous import run_async
-from coevo.sim.batching import cohort_batch, plan_blocks, steps_per_device
+from coevo.sim.batching import Shuffle, cohort_batch, plan_blocks, steps_per_device
 from coevo.sim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coevo.sim.clock import Fleet, settle_round
 from coevo.sim.device_store import MappedDeviceState
@@ -130,6 +130,7 @@ def simulate(
     device_state_dir: str | None = None,
     secure_aggregation: bool = False,
     secure_groups: int = 1,
+    shuffle: Shuffle | None = None,
 ) -> SimulationResult:
     """Run ``strategy`` for its rounds and return the final states and accounting.
 
@@ -162,6 +163,8 @@ def simulate(
             reporters are split at random into this many SecAgg+ groups (as the Service's
             ``serve.secagg.groups``): the cloud learns each group's weighted mean only, and
             the robust aggregator combines those (at least 3). Bytes are each group's own.
+        shuffle: each device's row order per round and epoch (`coevo.sim.batching.Shuffle`),
+            for a reference workload that defines its own; by default a counter-based hash.
     """
     task = strategy.task
     num_devices = task.num_devices
@@ -214,6 +217,8 @@ def simulate(
     requests = torch.zeros(num_devices, dtype=torch.long)
     rounds_done = state.round
     if strategy.local_period is not None and getattr(strategy, "asynchronous", False):
+        if shuffle is not None:
+            raise ValueError(f"shuffle: {strategy.name} runs asynchronously, in the built-in order")
         size = 1 if backend == "loop" else block_size
         cloud, devices, bytes_up, bytes_down, clock_s, rounds_done = run_async(
             strategy,
@@ -267,6 +272,7 @@ def simulate(
                         seed=seed,
                         round=round,
                         sparse=sparse,
+                        shuffle=shuffle,
                     ),
                 )
                 for block in blocks
@@ -342,8 +348,8 @@ def simulate(
                 everyone = bool(outcome.reported.all())
                 merged = {k: v if everyone else v[outcome.reported] for k, v in decoded.items()}
                 if grouped:
-                    shuffle = torch.Generator().manual_seed((seed + round) % 2**62)
-                    merged, weights = secure_group_means(merged, weights, secure_groups, shuffle)
+                    dealer = torch.Generator().manual_seed((seed + round) % 2**62)
+                    merged, weights = secure_group_means(merged, weights, secure_groups, dealer)
                 cloud = strategy.merge(cloud, Payload(merged), weights)
                 del merged
             del uplinks, decoded

@@ -98,3 +98,13 @@ def test_stop_hook_ends_an_asynchronous_run(task):
         _fedbuff(task), torch.Generator().manual_seed(0), fleet=_fleet(task), stop=stop
     )
     assert result.rounds == 2 and calls == [0, 1]
+
+
+def test_a_custom_row_order_is_refused_for_an_asynchronous_run(task):
+    def order(devices, counts, round, epoch):
+        return torch.zeros(int(counts.sum()), dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"shuffle: fedbuff runs asynchronously"):
+        simulate(
+            _fedbuff(task), torch.Generator().manual_seed(0), fleet=_fleet(task), shuffle=order
+        )

@@ -57,3 +57,58 @@ def test_vectorized_equals_loop(task, strategy_cls):
         # float32 reductions in a different order: agreement to 1e-5
         assert torch.allclose(tensor, results[1].devices[name], atol=1e-5), name
     assert torch.equal(results[0].bytes_down, results[1].bytes_down)
+
+
+def reversed_order(devices, counts, round, epoch):
+    """Each device's rows last to first; the key depends on the device's own rows only."""
+    return torch.cat([torch.arange(int(n), 0, -1) for n in counts]) + 0 * round
+
+
+def test_a_shuffle_hook_sets_each_devices_row_order(task):
+    rows, offsets = task.device_rows("device")
+    batch = cohort_batch(
+        task,
+        rows,
+        offsets,
+        torch.tensor([1, 4]),
+        epochs=1,
+        batch_size=2,
+        seed=0,
+        shuffle=reversed_order,
+    )
+    own = rows[offsets[4] : offsets[5]]
+    seen = batch.inputs["target"][1][batch.mask[1] > 0]
+    assert seen.tolist() == task.split.items[own.flip(0)].tolist()
+
+
+def test_a_shuffle_with_the_wrong_number_of_keys_is_refused(task):
+    rows, offsets = task.device_rows("device")
+    with pytest.raises(ValueError, match=r"shuffle returned \(3,\) keys for \d+ rows"):
+        cohort_batch(
+            task,
+            rows,
+            offsets,
+            torch.tensor([4]),
+            epochs=1,
+            batch_size=2,
+            seed=0,
+            shuffle=lambda devices, counts, round, epoch: torch.arange(3),
+        )
+
+
+def test_a_custom_shuffle_trains_alike_on_both_backends_and_differs_from_the_hash(task):
+    config = DeviceOnly.Config.model_validate({"local": {"epochs": 1, "batch_size": 2}})
+
+    def run(backend, shuffle):
+        strategy = DeviceOnly(task, config)
+        generator = torch.Generator().manual_seed(0)
+        return simulate(strategy, generator, backend=backend, block_size=5, shuffle=shuffle)
+
+    vectorized, loop = run("vectorized", reversed_order), run("loop", reversed_order)
+    hashed = run("vectorized", None)
+    for name, tensor in vectorized.devices.tensors.items():
+        assert torch.allclose(tensor, loop.devices[name], atol=1e-5), name
+    assert any(
+        not torch.allclose(tensor, hashed.devices[name], atol=1e-4)
+        for name, tensor in vectorized.devices.tensors.items()
+    )
