@@ -165,7 +165,7 @@ def main() -> None:
     )
     if args.only:
         wanted = set(args.only.split(","))
-        data["strategies"] = [s for s in data["strategies"] if s["name"] in wanted]
+        data["strategies"] = [s for s in data["strategies"] if s.get("label", s["name"]) in wanted]
         if not data["strategies"]:
             sys.exit(f"--only {args.only}: no such strategy in {CONFIG}")
     config = parse(RunConfig, data, source=str(CONFIG))

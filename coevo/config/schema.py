@@ -6,6 +6,7 @@ validated against that strategy's ``Config`` when the run is built.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -158,7 +159,8 @@ class RunConfig(BaseModel):
     data: DataConfig = DataConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     models: ModelsConfig = ModelsConfig()
-    # Strategies by registry name with their settings, e.g. {name: finetune, mode: head}.
+    # Strategies by registry name with their settings, e.g. {name: finetune, mode: head}; an
+    # optional `label` names the results (to compare settings of one strategy).
     strategies: list[dict[str, Any]] = Field(
         default_factory=lambda: [
             {"name": "popularity"},
@@ -181,4 +183,16 @@ class RunConfig(BaseModel):
         for spec in value:
             if not isinstance(spec.get("name"), str):
                 raise ValueError("each strategy needs a 'name' (a registered strategy)")
+            label = spec.get("label", spec["name"])
+            if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", label):
+                raise ValueError(
+                    f"label {label!r}: 1 to 64 letters, digits, '_', '.' or '-' (it names "
+                    "the strategy's results and files)"
+                )
+        labels = [spec.get("label", spec["name"]) for spec in value]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"strategies {repeated} appear more than once: give each a distinct 'label'"
+            )
         return value

@@ -63,9 +63,10 @@ def strategy_configs(
         except LookupError as error:
             problems.append(f"{source}: strategies.{index}.name: {error}")
             continue
+        settings = {k: v for k, v in spec.items() if k != "label"}
         try:
             built.append(
-                (cls, parse(cls.Config, spec, source=source, prefix=f"strategies.{index}."))
+                (cls, parse(cls.Config, settings, source=source, prefix=f"strategies.{index}."))
             )
         except ConfigError as error:
             problems.extend(str(error).splitlines())
@@ -188,14 +189,15 @@ def run(
         task = first_task if seed_index == 0 else build_task(log, config, seed)
         for strategy_index, (cls, settings) in enumerate(strategies):
             strategy = cls(task, settings)
+            named = config.strategies[strategy_index].get("label", strategy.name)
             rng = torch.Generator().manual_seed(seed)
-            label = f"{strategy.name} (seed {seed})"
+            label = f"{named} (seed {seed})"
 
             flops = {"forward": 0.0, "backward": 0.0}
 
             def record(
                 values: dict[str, float],
-                name: str = strategy.name,
+                name: str = named,
                 s: int = seed,
                 flops: dict[str, float] = flops,
             ) -> None:
@@ -223,7 +225,7 @@ def run(
                 on_progress=progress,
                 **simulation_options(config, task, strategy, seed),
                 device_state_dir=(
-                    str(run_dir / "device_state" / f"{strategy.name}-{seed}")
+                    str(run_dir / "device_state" / f"{named}-{seed}")
                     if config.simulation.memory_map_state
                     else None
                 ),
@@ -241,10 +243,10 @@ def run(
             if spent is not None:
                 summary["epsilon"] = spent.epsilon(sim.rounds)
             callbacks.on_round_end(
-                {"strategy": strategy.name, "seed": seed, "phase": "evaluate", **summary}
+                {"strategy": named, "seed": seed, "phase": "evaluate", **summary}
             )
             result = StrategyResult(
-                strategy=strategy.name,
+                strategy=named,
                 seed=seed,
                 metrics=summary,
                 per_device={k: v.numpy() for k, v in per_device.items()},

@@ -72,3 +72,49 @@ def test_a_private_strategy_reports_epsilon_in_rounds_and_results(tmp_path):
     spent = [r["epsilon"] for r in collect.records if "round" in r and "phase" not in r]
     assert len(spent) == 3 and spent[0] < spent[1] < spent[2]
     assert result.metrics["epsilon"] == pytest.approx(spent[-1])
+
+
+def test_labels_tell_two_settings_of_one_strategy_apart(tmp_path):
+    from coevo.report.callbacks import Callback
+    from coevo.sim.experiment import run
+
+    data = {
+        "name": "labels",
+        "seeds": [0],
+        "data": {"name": "synthetic", "synthetic": {"num_devices": 30, "num_items": 500}},
+        "strategies": [
+            {"name": "finetune", "pretrain": {"epochs": 1}, "local": {"epochs": 1}},
+            {
+                "name": "finetune",
+                "label": "finetune_head",
+                "mode": "head",
+                "pretrain": {"epochs": 1},
+                "local": {"epochs": 1},
+            },
+        ],
+    }
+
+    class Collect(Callback):
+        def __init__(self):
+            self.names = set()
+
+        def on_round_end(self, record):
+            self.names.add(record["strategy"])
+
+    collect = Collect()
+    full, head = run(parse(RunConfig, data, source="labels.yaml"), tmp_path, collect)
+    assert (full.strategy, head.strategy) == ("finetune", "finetune_head")
+    assert collect.names == {"finetune", "finetune_head"}
+
+
+@pytest.mark.parametrize(
+    ("strategies", "message"),
+    [
+        ([{"name": "finetune"}, {"name": "finetune", "mode": "head"}], r"appear more than once"),
+        ([{"name": "finetune", "label": "a b"}], r"label 'a b': 1 to 64 letters"),
+    ],
+)
+def test_repeated_or_malformed_labels_are_refused(strategies, message):
+    data = {"name": "x", "data": {"name": "synthetic"}, "strategies": strategies}
+    with pytest.raises(ConfigError, match=message):
+        parse(RunConfig, data, source="labels.yaml")
