@@ -82,6 +82,16 @@ class Finetune(Strategy):
         )
         return Payload(), DeviceState({k: trained[k] for k in self.personal}), {"loss": loss}
 
+    def device_flops_per_example(self) -> tuple[float, float]:
+        """Full fine-tuning: the task's estimate. Head only: the backward pass reaches the user
+        vector through the catalogue's scores (one product with the item matrix) and the head's
+        weights, and stops there."""
+        forward, backward = super().device_flops_per_example()
+        if self.config.mode == "full":
+            return forward, backward
+        dim, items = self.task.shapes.device_dim, self.task.num_items
+        return forward, float(2 * items * dim + 2 * dim * dim + dim)
+
     def score(
         self,
         cloud: CloudState,

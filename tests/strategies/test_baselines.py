@@ -61,6 +61,15 @@ def test_head_mode_changes_only_the_head(task):
     assert not torch.equal(result.devices["head.weight"][0], result.cloud["head.weight"])
 
 
+def test_head_mode_backpropagates_far_less_than_full_fine_tuning(task):
+    full = Finetune(task, Finetune.Config(mode="full")).device_flops_per_example()
+    head = Finetune(task, Finetune.Config(mode="head")).device_flops_per_example()
+    assert head[0] == full[0]
+    dim, items = task.shapes.device_dim, task.num_items
+    assert head[1] == 2 * items * dim + 2 * dim * dim + dim
+    assert head[1] < full[1] / 2
+
+
 def test_l2_pull_keeps_weights_closer_to_the_global_model(task):
     distances = []
     for l2 in (0.0, 50.0):
