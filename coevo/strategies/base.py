@@ -322,6 +322,35 @@ def local_train(
     return {**frozen, **weights}, mean_loss
 
 
+def personal_finetune(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    personal: Sequence[str],
+    batch: DeviceBatch,
+    local: Any,
+    *,
+    loss: LossFn,
+    l2: float = 0.0,
+) -> tuple[Payload, DeviceState, Metrics]:
+    """A device's ``local`` that fine-tunes its ``personal`` weights from the downloaded
+    ``params`` (pulled back towards them by ``l2``) and sends nothing up.
+
+    ``local`` is the strategy's `coevo.strategies.local_training.LocalTraining`.
+    """
+    trained, value = local_train(
+        model,
+        params,
+        personal,
+        batch,
+        local.lr,
+        loss=loss,
+        anchor=params,
+        l2=l2,
+        optimizer=local.optimizer,
+    )
+    return Payload(), DeviceState({k: trained[k] for k in personal}), {"loss": value}
+
+
 def _padded_table(table: torch.Tensor) -> torch.Tensor:
     """``table`` with one zero row appended: where the padding of a sparse batch points."""
     return torch.cat([table, torch.zeros_like(table[:1])])

@@ -25,7 +25,7 @@ from torch import nn
 from coevo.strategies.base import (
     DeviceBatch,
     Strategy,
-    local_train,
+    personal_finetune,
     score_per_device,
     seeded_model,
 )
@@ -216,19 +216,15 @@ class Distill(Strategy):
     ) -> tuple[Payload, DeviceState, Metrics]:
         if not self.personal:
             return Payload(), DeviceState(), {"loss": torch.zeros(())}
-        params = dict(payload.tensors)
-        trained, loss = local_train(
+        return personal_finetune(
             self.model,
-            params,
+            dict(payload.tensors),
             self.personal,
             batch,
-            self.config.local.lr,
+            self.config.local,
             loss=self.task.batch_loss,
-            anchor=params,
             l2=self.config.l2,
-            optimizer=self.config.local.optimizer,
         )
-        return Payload(), DeviceState({k: trained[k] for k in self.personal}), {"loss": loss}
 
     def score(
         self,

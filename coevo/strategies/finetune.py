@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from coevo.strategies.base import (
     DeviceBatch,
     Strategy,
-    local_train,
+    personal_finetune,
     score_per_device,
     seeded_model,
 )
@@ -69,18 +69,15 @@ class Finetune(Strategy):
     def local(
         self, payload: Payload, device_state: DeviceState, batch: DeviceBatch
     ) -> tuple[Payload, DeviceState, Metrics]:
-        params = dict(payload.tensors)
-        trained, loss = local_train(
+        return personal_finetune(
             self.model,
-            params,
+            dict(payload.tensors),
             self.personal,
             batch,
-            self.config.local.lr,
+            self.config.local,
             loss=self.task.batch_loss,
-            anchor=params,
             l2=self.config.l2,
         )
-        return Payload(), DeviceState({k: trained[k] for k in self.personal}), {"loss": loss}
 
     def device_flops_per_example(self) -> tuple[float, float]:
         """Full fine-tuning: the task's estimate. Head only: the backward pass reaches the user

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from coevo.strategies.base import DeviceBatch, Strategy, local_train, score_per_device
+from coevo.strategies.base import DeviceBatch, Strategy, personal_finetune, score_per_device
 from coevo.strategies.cloud_only import CentralTraining
 from coevo.strategies.fedper import initial_weights
 from coevo.strategies.local_training import LocalTraining
@@ -160,19 +160,15 @@ class Mpda(Strategy):
     def local(
         self, payload: Payload, device_state: DeviceState, batch: DeviceBatch
     ) -> tuple[Payload, DeviceState, Metrics]:
-        params = dict(payload.tensors)
-        trained, loss = local_train(
+        return personal_finetune(
             self.model,
-            params,
+            dict(payload.tensors),
             self.personal,
             self.augmented(device_state, batch),
-            self.config.local.lr,
+            self.config.local,
             loss=self.task.batch_loss,
-            anchor=params,
             l2=self.config.l2,
-            optimizer=self.config.local.optimizer,
         )
-        return Payload(), DeviceState({k: trained[k] for k in self.personal}), {"loss": loss}
 
     def score(
         self,
