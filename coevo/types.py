@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -32,12 +33,11 @@ class Payload:
     config: Mapping[str, Scalar] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        metadata = {
-            "metrics": json.dumps(dict(self.metrics)),
-            "config": json.dumps(dict(self.config)),
-        }
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
-        return save_safetensors(tensors, metadata=metadata)
+        return save_safetensors(tensors, metadata=self._metadata())
+
+    def _metadata(self) -> dict[str, str]:
+        return {"metrics": json.dumps(dict(self.metrics)), "config": json.dumps(dict(self.config))}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Payload:
@@ -54,7 +54,23 @@ class Payload:
 
     @property
     def num_bytes(self) -> int:
-        return len(self.to_bytes())
+        """``len(self.to_bytes())``, without encoding the tensors' values (they never change it)."""
+        layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in self.tensors.items())
+        metadata = self._metadata()
+        return _encoded_length(layout, metadata["metrics"], metadata["config"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoded_length(
+    layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...], metrics: str, config: str
+) -> int:
+    """Length of the safetensors encoding of tensors with ``layout`` (name, dtype, shape).
+
+    The encoding is a header (names, dtypes, shapes, offsets, metadata) and the raw values, so
+    its length depends on the layout alone: zeros of the same layout encode to the same length.
+    """
+    zeros = {name: torch.zeros(shape, dtype=dtype) for name, dtype, shape in layout}
+    return len(save_safetensors(zeros, metadata={"metrics": metrics, "config": config}))
 
 
 @dataclass(frozen=True)

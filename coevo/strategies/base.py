@@ -244,6 +244,7 @@ def local_train(
     if anchor is not None and sparse:
         pinned = {p: _padded_table(anchor[p])[positions[p]] for p in sparse if p in anchor}
         anchor = {**anchor, **pinned}
+    batch_rows = batch.rows
     if sparse:
         local_ids = {key: batch.local[key] for key in sparse.values()}
         batch = DeviceBatch({**batch.inputs, **local_ids}, batch.mask)
@@ -309,13 +310,18 @@ def local_train(
             weights[k] = weights[k] - active * lr * update
     total = (torch.stack(step_losses) * sizes).sum() if step_losses else torch.zeros(())
     mean_loss = total / batch.mask.sum().clamp(min=1.0)
-    for p in sparse:
+    for p, key in sparse.items():
         if p in as_update:
+            # Padding slots never train, so their change is exactly zero: adding it into row 0
+            # leaves that row's sum exact, and the update is built without the padding row.
             change = weights[p] - params[p]
-            written = torch.zeros_like(tables[p]).index_put((positions[p],), change)
+            rows = batch_rows[key].clamp(min=0)
+            weights[p] = change.new_zeros(tables[p][:-1].shape).index_put_(
+                (rows,), change, accumulate=True
+            )
         else:
             written = tables[p].index_copy(0, positions[p], weights[p])
-        weights[p] = written[: len(written) - 1]
+            weights[p] = written[: len(written) - 1]
     for k in as_update:
         if k not in sparse:
             weights[k] = weights[k] - params[k]

@@ -2,6 +2,8 @@ import doctest
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import coevo.codecs
 from coevo.codecs import SEP, Codec, encoded_bytes
@@ -64,3 +66,19 @@ def test_defaults_are_stateless_and_unbounded():
     assert codec.init_state(update) == {}
     assert codec.bound(update) is None
     assert SEP == "::"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), max_size=3), min_size=0, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int64, torch.bool]),
+    loss=st.floats(allow_nan=False, allow_infinity=False),
+    round=st.integers(0, 10**9),
+)
+def test_num_bytes_equals_the_encoded_length_for_any_layout(shapes, dtype, loss, round):
+    """The byte count comes from the layout alone; it must match encoding the values."""
+    tensors = {f"t{i}": torch.ones(shape).to(dtype) for i, shape in enumerate(shapes)}
+    payload = Payload(tensors, metrics={"loss": loss}, config={"round": round})
+    assert payload.num_bytes == len(payload.to_bytes())
+    doubled = Payload({k: torch.cat([v, v]) if v.dim() else v for k, v in tensors.items()})
+    assert doubled.num_bytes == len(doubled.to_bytes())
