@@ -119,13 +119,11 @@ class EarlyStoppingConfig(BaseModel):
 
 class SimulationConfig(BaseModel):
     model_config = _FROZEN
-    # vectorized: one vmapped call per block of devices; loop: one device at a time (reference).
+    # vectorized: blocks of devices trained together, step by step; loop: one device at a time
+    # (the reference).
     backend: Literal["vectorized", "loop"] = "vectorized"
     # Devices per vectorised block: larger is faster until memory runs short.
     block_size: int = Field(128, ge=1, le=1_000_000)
-    # Fixed cost of one vectorised step in device-steps: blocks are cut to balance it
-    # against padding (0: fewest padded steps; large: fewest blocks).
-    block_overhead: float = Field(64.0, ge=0.0, le=1_000_000.0)
     # Account every round as SecAgg+ (masked uplinks, key and share exchange, extra round trips).
     secure_aggregation: bool = False
     # With secure_aggregation and a robust strategy: SecAgg+ groups per round; the robust

@@ -8,7 +8,6 @@ the vectorised backend (blocks of many) train on exactly the same batches.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -140,52 +139,22 @@ def touched_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return rows, local
 
 
-def plan_blocks(steps: torch.Tensor, max_size: int, overhead: float) -> list[tuple[int, int]]:
-    """Cut devices sorted by step count into blocks that minimise the estimated work.
+def plan_blocks(num_devices: int, max_size: int) -> list[tuple[int, int]]:
+    """Cut a cohort sorted by step count into the fewest blocks of at most ``max_size``.
 
-    A block of ``n`` devices runs as many vectorised steps as its longest device, each costing
-    ``overhead + n`` device-steps (``overhead``: the fixed cost of one vectorised step, in
-    device-steps). Few large blocks pay padding; many small blocks pay the fixed cost. Blocks
-    break only between different step counts (then cut evenly to at most ``max_size``), and
-    a dynamic programme over those breaks finds the cheapest plan.
-
-    Args:
-        steps: int ``[devices]`` step counts, sorted ascending.
-        max_size: most devices in one block (bounds memory).
-        overhead: fixed cost of one vectorised step, in device-steps (0: the fewest padded
-            steps; large: the fewest blocks).
+    A vectorised block runs step-major (`coevo.sim.executor`): each batched step runs only
+    the devices with steps left, so a block costs one batched step per step of its longest
+    device, whatever the others need. The fewest blocks therefore cost the fewest batched
+    steps, and the full blocks go to the longest devices, leaving the remainder, the block
+    with the shortest devices, at the front.
 
     Returns:
-        ``(start, end)`` index ranges into ``steps``, in order, covering it.
+        ``(start, end)`` index ranges into the sorted cohort, in order, covering it.
 
     Example:
-        >>> plan_blocks(torch.tensor([1, 1, 1, 1, 9]), max_size=8, overhead=2.0)
-        [(0, 4), (4, 5)]
-        >>> plan_blocks(torch.tensor([1, 1, 1, 1, 9]), max_size=8, overhead=100.0)
-        [(0, 5)]
+        >>> plan_blocks(5, max_size=2)
+        [(0, 1), (1, 3), (3, 5)]
     """
-    if len(steps) == 0:
-        return []
-    values, counts = torch.unique_consecutive(steps, return_counts=True)
-    bounds = [0, *torch.cumsum(counts, 0).tolist()]
-    longest = values.tolist()
-    groups = len(longest)
-    best = [0.0] + [math.inf] * groups
-    cut = [0] * (groups + 1)
-    for j in range(1, groups + 1):
-        for i in range(j):
-            size = bounds[j] - bounds[i]
-            pieces = -(-size // max_size)
-            cost = best[i] + max(longest[j - 1], 1) * (pieces * overhead + size)
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    ranges, j = [], groups
-    while j > 0:
-        ranges.append((bounds[cut[j]], bounds[j]))
-        j = cut[j]
-    blocks: list[tuple[int, int]] = []
-    for start, end in reversed(ranges):
-        pieces = -(-(end - start) // max_size)
-        edges = [start + (end - start) * p // pieces for p in range(pieces + 1)]
-        blocks.extend(itertools.pairwise(edges))
-    return blocks
+    blocks = -(-num_devices // max_size)
+    edges = sorted({max(num_devices - k * max_size, 0) for k in range(blocks + 1)})
+    return list(itertools.pairwise(edges))

@@ -83,7 +83,6 @@ def simulation_options(
     options: dict[str, Any] = {
         "backend": sim.backend,
         "block_size": sim.block_size,
-        "block_overhead": sim.block_overhead,
         "secure_aggregation": sim.secure_aggregation,
         "secure_groups": sim.secure_groups,
         "devices_per_round": sim.devices_per_round,

@@ -113,7 +113,6 @@ def simulate(
     *,
     backend: Backend = "vectorized",
     block_size: int = 128,
-    block_overhead: float = 64.0,
     on_round: RoundHook | None = None,
     on_progress: ProgressHook | None = None,
     cloud: CloudState | None = None,
@@ -136,9 +135,6 @@ def simulate(
 
     Args:
         block_size: most devices trained in one vectorised call (bounds memory).
-        block_overhead: the fixed cost of one vectorised step, in device-steps: the cohort,
-            sorted by step count, is cut into the blocks that minimise padded device-steps
-            plus this cost per block-step (`coevo.sim.batching.plan_blocks`).
         cloud: start from this cloud state instead of ``strategy.init``.
         devices_per_round: devices merged per round (all when ``None``); ``over_selection``
             times as many are selected, and the fastest ``devices_per_round`` count.
@@ -255,9 +251,9 @@ def simulate(
                 wanted = None if devices_per_round is None else math.ceil(target * over_selection)
                 cohort = select_cohort(available, wanted, rng)
             payload, down_bytes = send_down(downlink_codec, strategy.downlink(cloud, round))
-            # Blocks of devices with similar step counts keep padding small.
+            # Sorted by step count, each block's devices leave its batched steps in order.
             by_steps = cohort[torch.argsort(steps[cohort], stable=True)]
-            plan = plan_blocks(steps[by_steps], size, block_overhead if size > 1 else 0.0)
+            plan = plan_blocks(len(by_steps), size)
             blocks = [by_steps[start:end] for start, end in plan]
             jobs = [
                 (

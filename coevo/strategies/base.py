@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from coevo.strategies.scan import scan
 from coevo.tasks.protocol import Period
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
@@ -27,7 +29,12 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[
     [nn.Module, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor
 ]
-"""``loss(model, params, inputs, mask)``: mean loss over the real examples of one step."""
+"""``loss(model, params, inputs, mask)``: mean loss over the real examples of one step.
+
+A loss object with ``stacked = True`` also takes every param, input and mask with a leading
+device axis and returns one loss per device; local training then steps whole blocks of
+devices with one forward and backward pass (`TrainStep.stacked`).
+"""
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,9 @@ class Strategy(ABC):
 
     Subclasses set ``name``, override ``init`` and ``score``, and, when devices do local work,
     ``downlink``, ``local`` and ``merge``. ``local`` handles ONE device and must be a pure
-    function of its tensor inputs, so that a simulator can ``vmap`` it over a cohort.
+    function of its tensor inputs, so that a simulator can ``vmap`` it over a cohort; it runs
+    its optimiser steps through `coevo.strategies.scan.scan` (`local_train` does), so that the
+    simulator can step a whole block at once.
 
     Example:
         >>> class Constant(Strategy):
@@ -222,6 +231,8 @@ def local_train(
     so devices padded to a common step count train exactly as if alone. With ``anchor``, the
     loss adds ``l2 / 2 * ||w - anchor||^2`` over the anchored names (regularised fine-tuning,
     FedProx's proximal term). ``correction`` is added to every gradient (SCAFFOLD's ``c - c_i``).
+    The steps run through `coevo.strategies.scan.scan` (one `TrainStep` each), so that the
+    vectorised simulator can step a whole block of devices at once.
 
     Sparse tables (``batch.tables``) train on the rows the batch touches only, and the rows are
     written back at the end: the same result as training the whole table (rows never looked
@@ -244,88 +255,164 @@ def local_train(
     if anchor is not None and sparse:
         pinned = {p: _padded_table(anchor[p])[positions[p]] for p in sparse if p in anchor}
         anchor = {**anchor, **pinned}
-    batch_rows = batch.rows
-    if sparse:
-        local_ids = {key: batch.local[key] for key in sparse.values()}
-        batch = DeviceBatch({**batch.inputs, **local_ids}, batch.mask)
-    frozen = {k: v for k, v in params.items() if k not in trainable}
+    inputs = {**batch.inputs, **{key: batch.local[key] for key in sparse.values()}}
     weights = {k: params[k] for k in trainable}
-
-    def loss_fn(w: Params, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor):
-        value = loss(model, {**frozen, **w}, inputs, mask)
-        reported = value.detach()
-        if anchor is not None and l2 > 0:
-            pulled = [k for k in w if k in anchor]
-            value = value + 0.5 * l2 * sum(((w[k] - anchor[k]) ** 2).sum() for k in pulled)
-        return value, reported
-
-    def plain_loss(w: Params, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor):
-        return loss(model, {**frozen, **w}, inputs, mask)
-
     pulled = anchor is not None and l2 > 0
-    step_grad = grad(loss_fn, has_aux=True) if pulled else grad_and_value(plain_loss)
     adam = optimizer != "sgd"
-    first = {k: torch.zeros_like(v) for k, v in weights.items()} if adam else {}
-    second = {k: torch.zeros_like(v) for k, v in weights.items()} if adam else {}
     # Plain SGD without an anchor moves only the rows a step looks up: the step differentiates
     # with respect to those rows alone and adds the update into the table in place.
-    by_row = [] if adam or pulled else list(sparse)
-    weights.update({p: weights[p].clone() for p in by_row})
+    by_row = () if adam or pulled else tuple(sparse.items())
+    weights.update({p: weights[p].clone() for p, _ in by_row})
     sizes = batch.mask.sum(-1)
     actives = (sizes > 0).to(batch.mask.dtype)
-    rates = actives * lr
-    counts = actives.cumsum(0).clamp(min=1.0)
-    positions_in_step = {p: torch.arange(batch.inputs[sparse[p]][0].numel()) for p in by_row}
-    step_losses = []
-    for step in range(batch.num_steps):
-        mask = batch.mask[step]
-        inputs = {k: v[step] for k, v in batch.inputs.items()}
-        looked_up, step_weights = {}, weights
-        if by_row:
-            step_weights = dict(weights)
-            for p in by_row:
-                ids = inputs[sparse[p]]
-                looked_up[p] = ids.reshape(-1)
-                step_weights[p] = weights[p][looked_up[p]]
-                inputs[sparse[p]] = positions_in_step[p].view(ids.shape)
-        grads, step_loss = step_grad(step_weights, inputs, mask)
-        step_losses.append(step_loss)
-        if correction is not None:
-            grads = {k: g + correction[k] for k, g in grads.items()}
-        if not adam:
-            for k in weights:
-                if k in looked_up:
-                    # weights[k] is this call's own copy of the table's touched rows.
-                    weights[k].index_put_((looked_up[k],), grads[k] * -rates[step], accumulate=True)
-                else:
-                    weights[k] = torch.addcmul(weights[k], grads[k], rates[step], value=-1.0)
-            continue
-        active, t = actives[step], counts[step]
-        for k in weights:
-            first[k] = first[k] + active * (1 - betas[0]) * (grads[k] - first[k])
-            second[k] = second[k] + active * (1 - betas[1]) * (grads[k] ** 2 - second[k])
-            update = (first[k] / (1 - betas[0] ** t)) / (
-                (second[k] / (1 - betas[1] ** t)).sqrt() + 1e-8
-            )
-            weights[k] = weights[k] - active * lr * update
-    total = (torch.stack(step_losses) * sizes).sum() if step_losses else torch.zeros(())
-    mean_loss = total / batch.mask.sum().clamp(min=1.0)
+    step = TrainStep(model, loss, lr, l2 if pulled else 0.0, adam, betas, by_row)
+    const = {
+        "frozen": {k: v for k, v in params.items() if k not in trainable},
+        "anchor": {k: anchor[k] for k in weights if k in anchor} if pulled and anchor else {},
+        "correction": dict(correction or {}),
+    }
+    moments = {k: torch.zeros_like(v) for k, v in weights.items()} if adam else {}
+    start: dict[str, Any] = {
+        "weights": weights,
+        "first": moments,
+        "second": {k: v.clone() for k, v in moments.items()},
+        "loss": torch.zeros(()),
+    }
+    xs: dict[str, Any] = {"inputs": inputs, "mask": batch.mask, "size": sizes, "rate": actives * lr}
+    if adam:
+        xs.update(active=actives, count=actives.cumsum(0).clamp(min=1.0))
+    end = scan(step, const, start, xs, sizes > 0)
+    weights = dict(end["weights"])
+    mean_loss = end["loss"] / batch.mask.sum().clamp(min=1.0)
     for p, key in sparse.items():
         if p in as_update:
             # Padding slots never train, so their change is exactly zero: adding it into row 0
             # leaves that row's sum exact, and the update is built without the padding row.
             change = weights[p] - params[p]
-            rows = batch_rows[key].clamp(min=0)
-            weights[p] = change.new_zeros(tables[p][:-1].shape).index_put_(
-                (rows,), change, accumulate=True
-            )
+            rows = batch.rows[key].clamp(min=0)[:, None].expand_as(change)
+            weights[p] = change.new_zeros(tables[p][:-1].shape).scatter_add_(0, rows, change)
         else:
             written = tables[p].index_copy(0, positions[p], weights[p])
             weights[p] = written[: len(written) - 1]
     for k in as_update:
         if k not in sparse:
             weights[k] = weights[k] - params[k]
-    return {**frozen, **weights}, mean_loss
+    return {**const["frozen"], **weights}, mean_loss
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimiser step of `local_train`: ``step(const, carry, x) -> carry`` for `scan`.
+
+    ``const`` holds ``frozen`` (untrained params), ``anchor`` (pull targets, when ``l2 > 0``)
+    and ``correction`` (added to every gradient); ``carry`` the ``weights``, Adam's ``first``
+    and ``second`` moments and the ``loss`` sum (weighted by real examples); ``x`` the step's
+    ``inputs``, ``mask``, ``size`` (real examples) and ``rate`` (lr, or 0 for a padding step),
+    and for Adam ``active`` (1 or 0) and ``count`` (its step number). ``by_row`` names the
+    sparse tables SGD updates row by row, in place (the carry's own copy of the touched rows),
+    with the input that looks them up.
+    """
+
+    model: nn.Module
+    loss: LossFn
+    lr: float
+    l2: float
+    adam: bool
+    betas: tuple[float, float]
+    by_row: tuple[tuple[str, str], ...]
+
+    def __call__(self, const: Mapping[str, Any], carry: Mapping[str, Any], x: Mapping[str, Any]):
+        """The step of one device (pure, vmappable; gradients by ``torch.func.grad``)."""
+        return self._step(const, carry, x, stacked=False)
+
+    @property
+    def stacked(self) -> Callable[..., dict[str, Any]] | None:
+        """The step of a whole block at once, when the loss stacks (``loss.stacked``).
+
+        It takes the same trees with a leading device axis on every leaf and runs one forward
+        and one backward pass (plain autograd) for the block: as the loss of each device
+        depends on its own weights only, the gradient of their sum is every device's own.
+        """
+        return partial(self._step, stacked=True) if getattr(self.loss, "stacked", False) else None
+
+    def _step(self, const, carry, x, *, stacked: bool) -> dict[str, Any]:
+        weights, inputs, mask = dict(carry["weights"]), dict(x["inputs"]), x["mask"]
+        looked_up, step_weights = {}, weights
+        if self.by_row:
+            step_weights = dict(weights)
+            for p, key in self.by_row:
+                ids, table = inputs[key], weights[p]
+                if stacked:
+                    # Row ids into the devices' tables viewed end to end as [rows, dim]: one
+                    # index serves the gather now and the update below.
+                    devices, flat = len(ids), ids.reshape(len(ids), -1)
+                    offsets = torch.arange(devices)[:, None] * table.shape[1]
+                    looked_up[p] = (flat + offsets).reshape(-1)
+                    rows = table.reshape(-1, table.shape[-1])[looked_up[p]]
+                    step_weights[p] = rows.view(devices, flat.shape[1], -1)
+                    positions = torch.arange(flat.shape[1]).expand_as(flat)
+                else:
+                    looked_up[p] = ids.reshape(-1)
+                    step_weights[p] = table[looked_up[p]]
+                    positions = torch.arange(ids.numel())
+                inputs[key] = positions.reshape(ids.shape)
+        loss = partial(self._loss, const=const, inputs=inputs, mask=mask)
+        if stacked:
+            grads, value = _autograd(loss, step_weights)
+        else:
+            # Only the weights cross grad's wrapping: the rest are constants of the step.
+            grads, value = (
+                grad(loss, has_aux=True)(step_weights)
+                if self.l2 > 0
+                else grad_and_value(lambda w: loss(w)[0])(step_weights)
+            )
+        total = torch.addcmul(carry["loss"], value, x["size"])
+        correction = const["correction"]
+        if correction:
+            grads = {k: g + correction[k] if k in correction else g for k, g in grads.items()}
+        first, second = dict(carry["first"]), dict(carry["second"])
+        for k in weights:
+            shape = (-1,) + (1,) * (weights[k].dim() - 1) if stacked else ()
+            rate = x["rate"].view(shape) if stacked else x["rate"]
+            if not self.adam and k in looked_up:
+                # weights[k] is the carry's own copy of the table's touched rows.
+                rows, change = weights[k], grads[k] * -rate
+                if stacked:
+                    rows, change = rows.view(-1, rows.shape[-1]), change.view(-1, rows.shape[-1])
+                rows.index_put_((looked_up[k],), change, accumulate=True)
+            elif not self.adam:
+                weights[k] = torch.addcmul(weights[k], grads[k], rate, value=-1.0)
+            else:
+                active, t, (beta1, beta2) = (
+                    x["active"].view(shape),
+                    x["count"].view(shape),
+                    self.betas,
+                )
+                first[k] = first[k] + active * (1 - beta1) * (grads[k] - first[k])
+                second[k] = second[k] + active * (1 - beta2) * (grads[k] ** 2 - second[k])
+                update = (first[k] / (1 - beta1**t)) / ((second[k] / (1 - beta2**t)).sqrt() + 1e-8)
+                weights[k] = weights[k] - active * self.lr * update
+        return {"weights": weights, "first": first, "second": second, "loss": total}
+
+    def _loss(self, w: Params, *, const: Mapping[str, Any], inputs: Params, mask: torch.Tensor):
+        value = self.loss(self.model, {**const["frozen"], **w}, inputs, mask)
+        reported = value.detach()
+        if self.l2 > 0:
+            anchor, lead = const["anchor"], value.shape
+            pull = sum(
+                ((w[k] - anchor[k]) ** 2).reshape(*lead, -1).sum(-1) for k in w if k in anchor
+            )
+            value = value + 0.5 * self.l2 * pull
+        return value, reported
+
+
+def _autograd(loss: Callable, weights: Params) -> tuple[Params, torch.Tensor]:
+    """Gradients of ``loss(weights)`` (``(per-device values, reported)``) summed over devices."""
+    leaves = {k: v.detach().requires_grad_() for k, v in weights.items()}
+    with torch.enable_grad():
+        value, reported = loss(leaves)
+        grads = torch.autograd.grad(value.sum(), list(leaves.values()), materialize_grads=True)
+    return dict(zip(leaves, grads, strict=True)), reported
 
 
 def personal_finetune(

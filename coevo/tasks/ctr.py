@@ -55,10 +55,49 @@ class CTRModel(nn.Module):
 def ctr_logits(
     params: Mapping[str, torch.Tensor], item: torch.Tensor, side: torch.Tensor
 ) -> torch.Tensor:
-    """`CTRModel`'s forward pass as a function of its parameters (no module swapping)."""
-    features = torch.cat([F.embedding(item, params["item_embedding.weight"]), side], dim=-1)
-    hidden = F.relu(F.linear(features, params["hidden.weight"], params["hidden.bias"]))
-    return F.linear(hidden, params["output.weight"], params["output.bias"]).squeeze(-1)
+    """`CTRModel`'s forward pass as a function of its parameters (no module swapping).
+
+    With every parameter stacked over devices (``item_embedding.weight [devices, rows, dim]``
+    and so on), ``item [devices, batch]`` and ``side [devices, batch, num_side]``, each device's
+    rows are scored with its own weights, in batched matrix products.
+    """
+    table = params["item_embedding.weight"]
+    if table.dim() == 2:
+        features = torch.cat([F.embedding(item, table), side], dim=-1)
+        hidden = F.relu(F.linear(features, params["hidden.weight"], params["hidden.bias"]))
+        return F.linear(hidden, params["output.weight"], params["output.bias"]).squeeze(-1)
+    devices, num_rows, dim = table.shape
+    flat = (item + torch.arange(devices)[:, None] * num_rows).reshape(-1)
+    rows = table.reshape(-1, dim).index_select(0, flat).view(*item.shape, dim)
+    features = torch.cat([rows, side], dim=-1)
+    hidden = torch.baddbmm(params["hidden.bias"][:, None], features, params["hidden.weight"].mT)
+    logits = torch.baddbmm(
+        params["output.bias"][:, None], hidden.relu(), params["output.weight"].mT
+    )
+    return logits.squeeze(-1)
+
+
+class CTRLoss:
+    """Binary cross-entropy with logits of `ctr_logits`, averaged over the real examples.
+
+    Written ``softplus(z) - y * z``: the same value as ``binary_cross_entropy_with_logits``
+    with fewer operations forward and backward. ``mask [..., batch]`` is 1 for a real example;
+    the mean is over the last axis, so stacked inputs (see `ctr_logits`) give one loss per
+    device (``stacked``: local training may then step a block of devices at once).
+    """
+
+    stacked: ClassVar[bool] = True
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = ctr_logits(params, inputs["item"], inputs["side"])
+        loss = ((F.softplus(logits) - inputs["label"] * logits) * mask).sum(-1)
+        return loss / mask.sum(-1).clamp(min=1.0)
 
 
 class RatingCTRTask:
@@ -176,21 +215,8 @@ class RatingCTRTask:
         """``item [...]``, ``side [..., num_side]`` and ``label [...]`` of ``rows`` (any shape)."""
         return {"item": self.item[rows], "side": self.side[rows], "label": self.label[rows]}
 
-    @staticmethod
-    def batch_loss(
-        model: nn.Module,
-        params: Mapping[str, torch.Tensor],
-        inputs: Mapping[str, torch.Tensor],
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Binary cross-entropy with logits, averaged over the real (``mask == 1``) examples.
-
-        Written ``softplus(z) - y * z``: the same value as ``binary_cross_entropy_with_logits``
-        with fewer operations forward and backward.
-        """
-        logits = ctr_logits(params, inputs["item"], inputs["side"])
-        loss = ((F.softplus(logits) - inputs["label"] * logits) * mask).sum()
-        return loss / mask.sum().clamp(min=1.0)
+    batch_loss: ClassVar[CTRLoss] = CTRLoss()
+    """``batch_loss(model, params, inputs, mask)``: the training loss of one step (`CTRLoss`)."""
 
     def evaluate(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Test metrics of the model with weights ``params``.

@@ -122,6 +122,22 @@ def test_batch_loss_is_bce_over_real_rows_only(synthetic_task):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+def test_batch_loss_on_stacked_devices_is_each_devices_own_loss(synthetic_task):
+    # Three devices, each with its own weights and rows (the last with one real row only).
+    torch.manual_seed(0)
+    per_device = [dict(synthetic_task.device_model().named_parameters()) for _ in range(3)]
+    inputs = [synthetic_task.gather(torch.tensor(rows)) for rows in ([0, 3], [5, 8], [1, 2])]
+    masks = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    stacked_params = {k: torch.stack([p[k] for p in per_device]) for k in per_device[0]}
+    stacked_inputs = {k: torch.stack([i[k] for i in inputs]) for k in inputs[0]}
+    loss = RatingCTRTask.batch_loss
+    assert loss.stacked
+    stacked = loss(None, stacked_params, stacked_inputs, masks)
+    one_by_one = torch.stack([loss(None, per_device[d], inputs[d], masks[d]) for d in range(3)])
+    assert stacked.shape == (3,)
+    torch.testing.assert_close(stacked, one_by_one)
+
+
 def test_fedavg_vectorized_equals_loop(synthetic_task):
     config = FedAvg.Config.model_validate(
         {
