@@ -13,8 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from coevo.strategies import STRATEGIES, Strategy
-from coevo.strategies.base import DeviceBatch, local_train, score_per_device
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.base import DeviceBatch, score_per_device
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

@@ -4,7 +4,7 @@ from coevo.aggregators.robust import Robust
 from coevo.attacks.adversarial import Adversarial
 from coevo.config.registry import Registry
 from coevo.privacy.dp_fedavg import DPFedAvg
-from coevo.strategies.base import DeviceBatch, Strategy, local_train
+from coevo.strategies.base import DeviceBatch, Strategy
 from coevo.strategies.cloud_only import CloudOnly
 from coevo.strategies.dccl import Dccl
 from coevo.strategies.device_only import DeviceOnly
@@ -21,6 +21,7 @@ from coevo.strategies.fedprox import FedProx
 from coevo.strategies.fedrep import FedRep
 from coevo.strategies.fedyogi import FedYogi
 from coevo.strategies.finetune import Finetune
+from coevo.strategies.local_training import local_train
 from coevo.strategies.mpda import Mpda
 from coevo.strategies.oracle import CentralOracle
 from coevo.strategies.popularity import Popularity

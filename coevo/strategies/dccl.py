@@ -41,9 +41,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from coevo.strategies.base import DeviceBatch, Strategy, local_train, seeded_model
+from coevo.strategies.base import DeviceBatch, Strategy, seeded_model
 from coevo.strategies.cloud_only import CentralTraining, validation_hr10
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.models import CloudModel, cross_entropy_all_items, flops_per_request
 from coevo.tasks.protocol import P1Split
 from coevo.tasks.recommendation import RecommendationTask, state_of

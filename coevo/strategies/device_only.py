@@ -11,14 +11,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from coevo.strategies.base import (
-    DeviceBatch,
-    Strategy,
-    local_train,
-    score_per_device,
-    seeded_model,
-)
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.base import DeviceBatch, Strategy, score_per_device, seeded_model
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.recommendation import RecommendationTask, state_of
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

@@ -22,15 +22,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from coevo.strategies.base import (
-    DeviceBatch,
-    Strategy,
-    personal_finetune,
-    score_per_device,
-    seeded_model,
-)
+from coevo.strategies.base import DeviceBatch, Strategy, score_per_device, seeded_model
 from coevo.strategies.cloud_only import CentralTraining, validation_hr10
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, personal_finetune
 from coevo.tasks.models import CloudModel, DeviceModel
 from coevo.tasks.protocol import P1Split
 from coevo.tasks.recommendation import RecommendationTask, state_of

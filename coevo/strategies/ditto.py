@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from coevo.strategies.base import DeviceBatch, local_train, score_per_device
+from coevo.strategies.base import DeviceBatch, score_per_device
 from coevo.strategies.fedavg import FedAvg
 from coevo.strategies.fedper import (
     PersonalisedSettings,
@@ -23,6 +23,7 @@ from coevo.strategies.fedper import (
     initial_weights,
     pretraining,
 )
+from coevo.strategies.local_training import local_train
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

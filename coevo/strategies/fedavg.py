@@ -16,14 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from coevo.strategies.base import (
-    DeviceBatch,
-    Strategy,
-    local_train,
-    score_per_device,
-    seeded_model,
-)
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.base import DeviceBatch, Strategy, score_per_device, seeded_model
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.recommendation import RecommendationTask, state_of
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from coevo.strategies.base import DeviceBatch, local_train
+from coevo.strategies.base import DeviceBatch
 from coevo.strategies.fedavg import FedAvg
 from coevo.strategies.fedper import (
     PersonalHeadSettings,
@@ -23,7 +23,7 @@ from coevo.strategies.fedper import (
     initial_weights,
     pretraining,
 )
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

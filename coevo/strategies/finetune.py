@@ -14,15 +14,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from coevo.strategies.base import (
-    DeviceBatch,
-    Strategy,
-    personal_finetune,
-    score_per_device,
-    seeded_model,
-)
+from coevo.strategies.base import DeviceBatch, Strategy, score_per_device, seeded_model
 from coevo.strategies.cloud_only import CentralTraining, validation_hr10
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, personal_finetune
 from coevo.tasks.recommendation import RecommendationTask, state_of
 from coevo.tasks.train import fit
 from coevo.types import CloudState, DeviceState, Metrics, Payload

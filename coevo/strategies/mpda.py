@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from coevo.strategies.base import DeviceBatch, Strategy, personal_finetune, score_per_device
+from coevo.strategies.base import DeviceBatch, Strategy, score_per_device
 from coevo.strategies.cloud_only import CentralTraining
 from coevo.strategies.fedper import initial_weights
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, personal_finetune
 from coevo.tasks.recommendation import RecommendationTask
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 

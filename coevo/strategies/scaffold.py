@@ -14,9 +14,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel
 
-from coevo.strategies.base import DeviceBatch, local_train
+from coevo.strategies.base import DeviceBatch
 from coevo.strategies.fedavg import FedAvg, FederatedSettings
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.types import CloudState, DeviceState, Metrics, Payload
 
 

@@ -1,8 +1,9 @@
 """How a device's optimiser steps run: `scan`, a loop a simulator may take over.
 
-A device's ``local`` runs its steps through `scan` (`coevo.strategies.base.local_train` does):
-``step(const, carry, x)`` maps the carry (weights, optimiser moments, loss sums) to the next
-one, reading the step's slice ``x`` of ``xs`` and the per-device constants ``const``. On its
+A device's ``local`` runs its steps through `scan`
+(`coevo.strategies.local_training.local_train` does): ``step(const, carry, x)`` maps the carry
+(weights, optimiser moments, loss sums) to the next one, reading the step's slice ``x`` of
+``xs`` and the per-device constants ``const``. On its
 own, `scan` is a plain loop over every step. Inside `step_runner`, the installed runner runs
 the steps instead: the vectorised executor (`coevo.sim.executor`) lifts them out of the
 per-device ``vmap`` and steps a whole block, dropping each device from the batch once its
@@ -16,8 +17,8 @@ be shared by every device of a block on entry (the downloaded weights), so a ste
 carry out of place, except a leaf it made itself (a gathered copy).
 
 A step may also offer ``step.stacked``: the same step over trees with a leading device axis on
-every leaf, computed for a whole block at once (`coevo.strategies.base.TrainStep` does, for a
-loss that stacks); a runner then calls it instead of ``vmap(step)``.
+every leaf, computed for a whole block at once (`coevo.strategies.local_training.TrainStep`
+does, for a loss that stacks); a runner then calls it instead of ``vmap(step)``.
 """
 
 from __future__ import annotations

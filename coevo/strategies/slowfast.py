@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-from coevo.strategies.base import DeviceBatch, Strategy, local_train, score_shared, seeded_model
+from coevo.strategies.base import DeviceBatch, Strategy, score_shared, seeded_model
 from coevo.strategies.cloud_only import CentralTraining, validation_hr10
-from coevo.strategies.local_training import LocalTraining
+from coevo.strategies.local_training import LocalTraining, local_train
 from coevo.tasks.models import CloudModel
 from coevo.tasks.recommendation import RecommendationTask, state_of
 from coevo.tasks.train import fit

@@ -5,7 +5,8 @@ from coevo.sim.batching import cohort_batch
 from coevo.sim.simulator import simulate
 from coevo.sim.wire import wire_bytes
 from coevo.strategies import CentralOracle, CloudOnly, DeviceOnly, Finetune, Popularity
-from coevo.strategies.base import DeviceBatch, local_train
+from coevo.strategies.base import DeviceBatch
+from coevo.strategies.local_training import local_train
 from coevo.testing import tiny_task
 from coevo.types import DeviceState
 

@@ -5,8 +5,8 @@ from pydantic import ValidationError
 from coevo.sim.batching import cohort_batch
 from coevo.sim.simulator import simulate
 from coevo.strategies import FedRep
-from coevo.strategies.base import local_train
 from coevo.strategies.fedrep import first_epochs
+from coevo.strategies.local_training import local_train
 from coevo.testing import tiny_task
 from coevo.types import DeviceState
 
