@@ -22,7 +22,7 @@ counter-based hash instead, for comparison.
 
 ups = device updates (selected devices x rounds) per second of wall time spent in the rounds,
 excluding data loading and evaluation; each backend first runs one untimed warm-up round, then
-``--repeats`` timed runs (3), of which the fastest counts. Both backends run in one process with
+``--repeats`` timed runs (5), of which the fastest counts. Both backends run in one process with
 the same seeds, each with 1 and with 2 torch threads (the 2 cores the bar names), and each is
 reported at its faster setting.
 
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     # Every timed run is repeated and the fastest kept, for every backend alike: the
     # machines are noisy, and a vectorised run of 30 rounds lasts under a second.
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     # Most devices per vectorised block (the cohort of 100 is one block by default).
     parser.add_argument("--block-size", type=int, default=128)
     # Each backend runs with each of these thread counts; each is reported at its best (the

@@ -200,8 +200,10 @@ class TrainStep:
                 # weights[k] is the carry's own copy of the table's touched rows.
                 rows, change = weights[k], grads[k] * -rate
                 if stacked:
-                    rows, change = rows.view(-1, rows.shape[-1]), change.view(-1, rows.shape[-1])
-                rows.index_put_((looked_up[k],), change, accumulate=True)
+                    dim = rows.shape[-1]
+                    rows.view(-1, dim).index_add_(0, looked_up[k], change.view(-1, dim))
+                else:
+                    rows.index_put_((looked_up[k],), change, accumulate=True)
             elif not self.adam:
                 weights[k] = torch.addcmul(weights[k], grads[k], rate, value=-1.0)
             else:
