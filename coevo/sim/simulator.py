@@ -292,6 +292,9 @@ def simulate(
             ):
                 size_block = len(job_batch.mask)
                 for k, v in up.items():
+                    if len(v) == len(by_steps):
+                        uplinks[k] = v  # one block holds the whole cohort: nothing to copy
+                        continue
                     if k not in uplinks:
                         uplinks[k] = torch.empty((len(by_steps), *v.shape[1:]), dtype=v.dtype)
                     uplinks[k][filled : filled + len(v)] = v
