@@ -26,11 +26,17 @@ excluding data loading and evaluation; each backend first runs one untimed warm-
 the same seeds, each with 1 and with 2 torch threads (the 2 cores the bar names), and each is
 reported at its faster setting.
 
+The two backends run the same ``local_train``: the vectorised one trains each round's cohort
+as one step-major block (the 100 devices' steps batched, each device leaving the batch once its
+rows are done) and, as the CTR loss stacks, takes every batched step as one forward and one
+autograd backward pass over the stacked weights; the loop backend runs ``local`` device by
+device, each step with ``torch.func.grad``.
+
 For context the table also has ``plain_torch``: the same workload as a plain per-device PyTorch
 loop (``nn.Module`` + ``torch.optim.SGD``, the same row order), which is what a Flower-style
-client runs. It is not a coevo backend and not in the headline: the ``loop`` backend calls the
-strategy's functional ``local`` per device (the vectorised backend's exact oracle), which costs
-about twice the plain loop per step.
+client runs. It is not a coevo backend and not in the headline: the ``loop`` backend (the
+functional reference the vectorised backend is tested against) costs about twice the plain
+loop per step.
 The last line is machine-readable: ``sim_throughput: vectorized_ups=... loop_ups=... ratio=...
 auc_vectorized=... auc_loop=... peak_rss_mib=...``.
 """

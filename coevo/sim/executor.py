@@ -161,7 +161,7 @@ def _run_steps(step: Step, const: Tree, carry: Tree, xs: Tree, live: torch.Tenso
         now = [t[start:, index] for t in inputs]
         state = list(batched(*ahead, *state, *now))
     done.append(state)
-    final = [torch.cat(parts) for parts in zip(*done, strict=True)]
+    final = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*done, strict=True)]
     if shuffled:
         final = [t[torch.argsort(order)] for t in final]
     return unflatten(layouts[1], final)
