@@ -140,6 +140,8 @@ def _run_steps(step: Step, const: Tree, carry: Tree, xs: Tree, live: torch.Tenso
         # A leaf every device shares (the downloaded weights before the first update) enters
         # unbatched, so that the step computes with it once rather than once per device.
         dims = tuple(None if _shared(t) else 0 for t in leaves)
+        if all(dim is None for dim in dims):
+            dims = (0,) * len(leaves)  # vmap needs one batched input to know the block size
         shared = (t[0] if dim is None else t for t, dim in zip(leaves, dims, strict=True))
         return vmap(flat_step, in_dims=dims)(*shared)
 

@@ -122,3 +122,22 @@ def test_scan_without_a_runner_visits_every_step_including_padding():
     )
     assert seen == [1.0, 2.0, 0.0]
     assert out["total"].item() == 8.0
+
+
+def test_a_scan_whose_inputs_every_device_shares_still_runs_per_device():
+    class Counting(Summing):
+        def local(self, payload, device_state, batch):
+            # Nothing per-device enters the scan; only its number of live steps differs.
+            ones = torch.ones(batch.mask.shape[0])
+            step = Accumulate(stacked=False)
+            start = {"total": torch.zeros(())}
+            total = scan(step, {"scale": torch.ones(())}, start, {"value": ones}, ones > 0)
+            return Payload({"total": total["total"]}), DeviceState(), {}
+
+    state, batch = _block([3, 1])
+    results = [
+        run_block(Counting(1, stacked=False), Payload(), state, batch, backend)[0]["total"]
+        for backend in ("vectorized", "loop")
+    ]
+    torch.testing.assert_close(results[0], results[1])
+    assert results[1].tolist() == [3.0, 3.0]
