@@ -90,9 +90,10 @@ def flatten(tree: Any) -> tuple[Any, list[torch.Tensor]]:
 
 def unflatten(structure: Any, leaves: Sequence[torch.Tensor]) -> Any:
     """Inverse of `flatten`."""
-    rest = iter(leaves)
+    return _build(structure, iter(leaves))
 
-    def build(node: Any) -> Any:
-        return next(rest) if node is None else {key: build(sub) for key, sub in node.items()}
 
-    return build(structure)
+def _build(node: Any, rest: Iterator[torch.Tensor]) -> Any:
+    # A module-level recursion: a nested recursive function would sit in a reference cycle
+    # with the leaves, keeping them alive until the cyclic garbage collector runs.
+    return next(rest) if node is None else {key: _build(sub, rest) for key, sub in node.items()}
