@@ -149,12 +149,12 @@ def _run_steps(step: Step, const: Tree, carry: Tree, xs: Tree, live: torch.Tenso
     block_step = getattr(step, "stacked", None)
     run = step if block_step is None else block_step
     batched = flat_step if block_step is not None else vmapped
-    ends_sorted = ends[order].tolist()
+    ends_sorted = ends[order]
+    longest = int(ends_sorted[-1]) if devices else 0
+    # Before step s, the first firsts[s] devices (ends <= s) are done.
+    firsts = torch.searchsorted(ends_sorted, torch.arange(longest), right=True).tolist()
     done, start = [], 0
-    for index in range(ends_sorted[-1] if devices else 0):
-        first = start
-        while ends_sorted[first] <= index:
-            first += 1
+    for index, first in enumerate(firsts):
         if first > start:
             done.append([t[: first - start] for t in state])
             state = [t[first - start :] for t in state]

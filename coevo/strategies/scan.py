@@ -3,11 +3,11 @@
 A device's ``local`` runs its steps through `scan`
 (`coevo.strategies.local_training.local_train` does): ``step(const, carry, x)`` maps the carry
 (weights, optimiser moments, loss sums) to the next one, reading the step's slice ``x`` of
-``xs`` and the per-device constants ``const``. On its
-own, `scan` is a plain loop over every step. Inside `step_runner`, the installed runner runs
-the steps instead: the vectorised executor (`coevo.sim.executor`) lifts them out of the
-per-device ``vmap`` and steps a whole block, dropping each device from the batch once its
-``live`` steps are done, so that devices with few steps cost nothing while long ones finish.
+``xs`` and the per-device constants ``const``. On its own, `scan` is a plain loop over every
+step. Inside `step_runner`, the installed runner runs the steps instead: the vectorised
+executor (`coevo.sim.executor`) lifts them out of the per-device ``vmap`` and steps a whole
+block, dropping each device from the batch once its ``live`` steps are done, so that devices
+with few steps cost nothing while long ones finish.
 
 ``const``, ``carry`` and ``xs`` are trees: nested dicts whose leaves are tensors. ``step``
 must be a pure function of its three arguments, closing over no tensor of the device's (those
